@@ -1,0 +1,202 @@
+//! Lenient JSON reading shared by the envelope and the contracts.
+//!
+//! MassTransit's reader (System.Text.Json with case-insensitive names, comments skipped and trailing
+//! commas allowed) is what Firely clients are written against, so we read the same way:
+//! - [`parse_lenient`] tries a strict parse first and, only when that fails, strips `//` and `/* */`
+//!   comments and trailing commas and tries again;
+//! - [`Object`] gives case-insensitive access to the members of a JSON object while keeping every
+//!   member as raw text, so a value we pass on (a FHIR resource) keeps the exact bytes it was sent with.
+
+use std::borrow::Cow;
+
+use serde::de::DeserializeOwned;
+use serde_json::value::RawValue;
+
+/// Why a piece of JSON could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JsonError {
+    /// The bytes are not UTF-8.
+    #[error("the body is not valid UTF-8 (first bad byte at offset {0})")]
+    InvalidUtf8(usize),
+    /// The text is not JSON, even once comments and trailing commas are removed.
+    #[error("the body is not valid JSON: {0}")]
+    Syntax(String),
+    /// A member has the wrong JSON type.
+    #[error("`{field}` {problem}")]
+    Field { field: String, problem: String },
+}
+
+impl JsonError {
+    pub fn field(field: impl Into<String>, problem: impl Into<String>) -> Self {
+        JsonError::Field { field: field.into(), problem: problem.into() }
+    }
+}
+
+/// Decodes UTF-8, saying where it breaks.
+pub fn utf8(bytes: &[u8]) -> Result<&str, JsonError> {
+    std::str::from_utf8(bytes).map_err(|e| JsonError::InvalidUtf8(e.valid_up_to()))
+}
+
+/// Returns text that is strict JSON: the input itself when it already is, otherwise the input with
+/// comments and trailing commas removed. Syntax errors are reported against the original text.
+pub fn strict_text(text: &str) -> Result<Cow<'_, str>, JsonError> {
+    match serde_json::from_str::<serde::de::IgnoredAny>(text) {
+        Ok(_) => Ok(Cow::Borrowed(text)),
+        Err(strict_error) => {
+            let mut stripped = text.to_owned();
+            if json_strip_comments::strip(&mut stripped).is_err() {
+                return Err(JsonError::Syntax(strict_error.to_string()));
+            }
+            match serde_json::from_str::<serde::de::IgnoredAny>(&stripped) {
+                Ok(_) => Ok(Cow::Owned(stripped)),
+                Err(_) => Err(JsonError::Syntax(strict_error.to_string())),
+            }
+        }
+    }
+}
+
+/// Parses lenient JSON text into an owned raw value (whitespace and member order kept).
+pub fn parse_lenient(text: &str) -> Result<Box<RawValue>, JsonError> {
+    let strict = strict_text(text)?;
+    serde_json::from_str::<Box<RawValue>>(&strict).map_err(|e| JsonError::Syntax(e.to_string()))
+}
+
+/// The members of one JSON object, looked up by name without regard to ASCII case.
+///
+/// When a name occurs more than once (in any case), the first occurrence wins, as MassTransit's
+/// Kafka header reader does; System.Text.Json would take the last, but a sender that relies on
+/// either is already broken.
+#[derive(Debug)]
+pub struct Object<'a> {
+    members: Vec<(String, &'a RawValue)>,
+}
+
+impl<'a> Object<'a> {
+    /// Reads `raw` as an object; `what` names it in the error ("the envelope", "instruction 2").
+    pub fn parse(raw: &'a RawValue, what: &str) -> Result<Self, JsonError> {
+        let members: Vec<(String, &'a RawValue)> = match serde_json::from_str::<MemberList<'a>>(raw.get()) {
+            Ok(list) => list.0,
+            Err(_) => return Err(JsonError::field(what, format!("must be a JSON object, found {}", kind_of(raw)))),
+        };
+        Ok(Object { members })
+    }
+
+    /// The raw member, if present (a JSON `null` is returned as present; see [`Object::get_non_null`]).
+    pub fn get(&self, name: &str) -> Option<&'a RawValue> {
+        self.members.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| *v)
+    }
+
+    /// The raw member, treating an explicit `null` as absent (MassTransit v7 omits nulls, v8 writes them).
+    pub fn get_non_null(&self, name: &str) -> Option<&'a RawValue> {
+        self.get(name).filter(|v| v.get() != "null")
+    }
+
+    /// Deserializes a member into `T`; absent and `null` give `None`.
+    pub fn field<T: DeserializeOwned>(&self, name: &str, expected: &str) -> Result<Option<T>, JsonError> {
+        match self.get_non_null(name) {
+            None => Ok(None),
+            Some(raw) => serde_json::from_str::<T>(raw.get())
+                .map(Some)
+                .map_err(|_| JsonError::field(name, format!("must be {expected}, found {}", kind_of(raw)))),
+        }
+    }
+
+    /// A member that must be a string when present. Numbers and booleans are accepted and written
+    /// as their JSON text, because loosely typed senders (JavaScript, Python) send `"itemId": 1`.
+    pub fn string(&self, name: &str) -> Result<Option<String>, JsonError> {
+        match self.get_non_null(name) {
+            None => Ok(None),
+            Some(raw) => {
+                let text = raw.get();
+                match text.as_bytes().first() {
+                    Some(b'"') => serde_json::from_str::<String>(text)
+                        .map(Some)
+                        .map_err(|e| JsonError::field(name, e.to_string())),
+                    Some(b'-' | b'0'..=b'9' | b't' | b'f') => Ok(Some(text.to_owned())),
+                    _ => Err(JsonError::field(name, format!("must be a string, found {}", kind_of(raw)))),
+                }
+            }
+        }
+    }
+
+    /// Every member name, in order.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.members.iter().map(|(k, _)| k.as_str())
+    }
+
+    /// Every member, in order.
+    pub fn members(&self) -> impl Iterator<Item = (&str, &'a RawValue)> {
+        self.members.iter().map(|(k, v)| (k.as_str(), *v))
+    }
+}
+
+/// A JSON array of raw elements, or an error naming `what`.
+pub fn array<'a>(raw: &'a RawValue, what: &str) -> Result<Vec<&'a RawValue>, JsonError> {
+    serde_json::from_str::<Vec<&'a RawValue>>(raw.get())
+        .map_err(|_| JsonError::field(what, format!("must be a JSON array, found {}", kind_of(raw))))
+}
+
+/// A word for the JSON type of a raw value, for error messages.
+pub fn kind_of(raw: &RawValue) -> &'static str {
+    match raw.get().as_bytes().first() {
+        Some(b'{') => "an object",
+        Some(b'[') => "an array",
+        Some(b'"') => "a string",
+        Some(b't' | b'f') => "a boolean",
+        Some(b'n') => "null",
+        _ => "a number",
+    }
+}
+
+/// Deserializes an object as an ordered list of (name, raw value) pairs, keeping duplicates.
+struct MemberList<'a>(Vec<(String, &'a RawValue)>);
+
+impl<'de: 'a, 'a> serde::Deserialize<'de> for MemberList<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visit<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for Visit<'a> {
+            type Value = MemberList<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut members = Vec::with_capacity(map.size_hint().unwrap_or(8));
+                while let Some((k, v)) = map.next_entry::<String, &'de RawValue>()? {
+                    members.push((k, v));
+                }
+                Ok(MemberList(members))
+            }
+        }
+        deserializer.deserialize_map(Visit(std::marker::PhantomData))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn comments_and_trailing_commas_are_accepted_but_strict_json_is_untouched() {
+        let strict = r#"{"a": 1}"#;
+        assert!(matches!(strict_text(strict).unwrap(), Cow::Borrowed(_)));
+        let loose = "{\n \"a\": 1, // one\n \"b\": [1,2,],\n}";
+        let raw = parse_lenient(loose).unwrap();
+        let v: serde_json::Value = serde_json::from_str(raw.get()).unwrap();
+        assert_eq!(v, serde_json::json!({"a": 1, "b": [1, 2]}));
+    }
+
+    #[test]
+    fn broken_json_reports_the_strict_error() {
+        let err = parse_lenient("{\"a\": ").unwrap_err();
+        assert!(matches!(err, JsonError::Syntax(_)), "{err:?}");
+    }
+
+    #[test]
+    fn object_lookup_ignores_case_and_keeps_raw_bytes() {
+        let raw = parse_lenient(r#"{"ItemId": 7, "Resource": {"b" : 1,  "a":2}}"#).unwrap();
+        let obj = Object::parse(&raw, "x").unwrap();
+        assert_eq!(obj.string("itemid").unwrap().as_deref(), Some("7"));
+        assert_eq!(obj.get("resource").unwrap().get(), r#"{"b" : 1,  "a":2}"#);
+        assert!(Object::parse(obj.get("itemId").unwrap(), "itemId").is_err());
+    }
+}

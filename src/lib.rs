@@ -1,0 +1,9 @@
+//! fhir-pubsub: a Firely-PubSub-compatible bridge between a message broker and a SQL store.
+//!
+//! The flow, and the module that owns each step: a transport receives a command, [`envelope`]
+//! decodes it, [`plan`] validates and executes it in one transaction against a [`store`], the
+//! reply goes back through the transport, and committed changes are published as events.
+
+pub mod contracts;
+pub mod json;
+pub mod transport;

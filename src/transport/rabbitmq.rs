@@ -1,0 +1,1 @@
+//! RabbitMQ transport on lapin (MassTransit topology and conventions).
