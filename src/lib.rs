@@ -6,4 +6,6 @@
 
 pub mod contracts;
 pub mod json;
+pub mod plan;
+pub mod store;
 pub mod transport;

@@ -1,0 +1,247 @@
+//! The SQL store: current resources, every version ever written, the change outbox and the
+//! command inbox, on PostgreSQL or SQLite (sqlx, runtime queries, migrations run at open).
+//!
+//! Invariants every implementation keeps:
+//! - a resource body is stored and returned byte-for-byte as given;
+//! - a versionId is used at most once per resource, a delete leaves a tombstone, so ids are never reused;
+//! - every committed write to `resources` (by the bridge or by any other SQL client, through the
+//!   triggers of the migrations) adds exactly one row to the change outbox in the same transaction;
+//! - [`Store::pending_changes`] returns outbox rows in an order consistent with commit order per
+//!   resource, one transaction's changes together in the order they were written; a row leaves the
+//!   outbox only through [`Store::delete_pending`], after its event was confirmed.
+//!
+//! Plan rules live in [`crate::plan`]; a store offers the primitives it needs inside a [`StoreTx`].
+
+mod postgres;
+mod sqlite;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+pub use postgres::PostgresStore;
+pub use sqlite::SqliteStore;
+
+use crate::contracts::ChangeType;
+
+/// A resource's identity: its type and id.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ResourceKey {
+    pub resource_type: String,
+    pub resource_id: String,
+}
+
+impl ResourceKey {
+    pub fn new(resource_type: impl Into<String>, resource_id: impl Into<String>) -> Self {
+        ResourceKey { resource_type: resource_type.into(), resource_id: resource_id.into() }
+    }
+}
+
+impl std::fmt::Display for ResourceKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.resource_type, self.resource_id)
+    }
+}
+
+/// The current version of a live resource.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Current {
+    pub version_id: String,
+    pub body: String,
+}
+
+/// A version to write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewVersion {
+    pub key: ResourceKey,
+    pub version_id: String,
+    pub last_updated: String,
+    pub body: String,
+}
+
+/// One write of a plan, applied in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Write {
+    /// Insert a resource that has no live version. A concurrent insert of the same resource makes the
+    /// transaction fail with [`StoreError::Conflict`], never overwrite.
+    Insert(NewVersion),
+    /// Replace the current version of a resource this transaction has locked.
+    Update(NewVersion),
+    /// Remove the live resource, leaving a tombstone.
+    Delete(ResourceKey),
+}
+
+/// What a retrieve asks for: the current version, or one version by id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lookup {
+    pub key: ResourceKey,
+    pub version_id: Option<String>,
+}
+
+/// The answer to one [`Lookup`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Found {
+    /// The body as stored.
+    Resource(String),
+    /// The resource never existed, or (for a current-version lookup) is deleted.
+    NoResource,
+    /// The resource exists or existed, but never had that version.
+    NoVersion,
+}
+
+/// A committed change waiting to be published.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingChange {
+    /// Position in the store's version log; unique and stable.
+    pub seq: i64,
+    /// The writing transaction (PostgreSQL); rows of one transaction are returned together.
+    pub txid: i64,
+    pub key: ResourceKey,
+    /// The version written, or for a delete the version it removed.
+    pub version_id: String,
+    pub change_type: ChangeType,
+    /// The body after the change; `None` for a delete.
+    pub body: Option<String>,
+    pub recorded_at: DateTime<Utc>,
+}
+
+/// Errors of the store, classified by what the caller should do about them.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The database cannot be reached (connection refused, pool timed out, disk unavailable). Retry later;
+    /// nothing was committed.
+    #[error("the database is unavailable: {0}")]
+    Unavailable(String),
+    /// The transaction lost a race (deadlock, serialization failure, a concurrent insert of the same key,
+    /// SQLite busy). Running it again will succeed or fail on the rules.
+    #[error("the transaction conflicted with another and was rolled back: {0}")]
+    Conflict(String),
+    /// The database refused this data (a value it cannot store). Running it again will not help.
+    #[error("the database refused the data: {0}")]
+    Rejected(String),
+    /// The store URL is not one we can open.
+    #[error("invalid store URL: {0}")]
+    InvalidUrl(String),
+    /// Creating or upgrading the schema failed.
+    #[error("migrating the database failed: {0}")]
+    Migration(String),
+    /// Anything else the database said.
+    #[error("database error: {0}")]
+    Database(String),
+}
+
+impl StoreError {
+    /// Whether running the same transaction again may succeed.
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, StoreError::Conflict(_))
+    }
+
+    /// Whether the database itself is unreachable (the caller should wait and redeliver).
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
+}
+
+/// Classifies a sqlx error. SQLSTATE classes: 40 (deadlock, serialization) and 23505 (a concurrent
+/// insert of the same key) are conflicts; 08 and 57P (connection, shutdown) unavailability; 22 and 23
+/// (data and constraint) rejections. SQLite's BUSY/LOCKED are conflicts, its FULL/IOERR/READONLY
+/// unavailability.
+pub(crate) fn classify(e: sqlx::Error) -> StoreError {
+    match &e {
+        sqlx::Error::Database(db) => {
+            let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
+            let text = db.message().to_owned();
+            if code.starts_with("40") || code == "23505" {
+                StoreError::Conflict(text)
+            } else if code.starts_with("08") || code.starts_with("57P") || code == "53300" {
+                StoreError::Unavailable(text)
+            } else if code.starts_with("22") || code.starts_with("23") {
+                StoreError::Rejected(text)
+            } else {
+                // SQLite extended result codes: the primary code is the low byte.
+                match code.parse::<i32>().map(|c| c & 0xff) {
+                    Ok(5 | 6) => StoreError::Conflict(text),
+                    Ok(8 | 10 | 13 | 14) => StoreError::Unavailable(text),
+                    Ok(19 | 20 | 25) => StoreError::Rejected(text),
+                    _ => StoreError::Database(format!("{text} (code {code})")),
+                }
+            }
+        }
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Protocol(_) => StoreError::Unavailable(e.to_string()),
+        _ => StoreError::Database(e.to_string()),
+    }
+}
+
+/// An open transaction. Dropping it without [`StoreTx::commit`] rolls it back.
+#[async_trait]
+pub trait StoreTx: Send {
+    /// The response stored for a command messageId, if that command was already processed.
+    async fn inbox_get(&mut self, message_id: Uuid) -> Result<Option<String>, StoreError>;
+    /// Records a processed command and its response.
+    async fn inbox_put(&mut self, message_id: Uuid, message_type: &str, response: &str) -> Result<(), StoreError>;
+    /// The current version of each key (`None` when absent or deleted), in the order given, locking
+    /// the rows that exist until the transaction ends.
+    async fn lock_current(&mut self, keys: &[ResourceKey]) -> Result<Vec<Option<Current>>, StoreError>;
+    /// For each (key, versionId): whether that version was ever written for that resource.
+    async fn versions_used(&mut self, versions: &[(ResourceKey, String)]) -> Result<Vec<bool>, StoreError>;
+    /// Applies the writes in order; their changes are recorded in that order.
+    async fn apply(&mut self, writes: &[Write]) -> Result<(), StoreError>;
+    /// Starts a savepoint (one per plan in a group commit).
+    async fn savepoint(&mut self) -> Result<(), StoreError>;
+    /// Undoes everything since the savepoint, which stays open.
+    async fn rollback_to_savepoint(&mut self) -> Result<(), StoreError>;
+    /// Ends the savepoint, keeping its effects.
+    async fn release_savepoint(&mut self) -> Result<(), StoreError>;
+    /// Commits; only after this returns is the effect durable.
+    async fn commit(self: Box<Self>) -> Result<(), StoreError>;
+}
+
+/// A store on one database.
+#[async_trait]
+pub trait Store: Send + Sync {
+    /// `postgres` or `sqlite`.
+    fn kind(&self) -> &'static str;
+    /// Starts a write transaction.
+    async fn begin(&self) -> Result<Box<dyn StoreTx>, StoreError>;
+    /// The response stored for a processed command, read outside any transaction.
+    async fn inbox_response(&self, message_id: Uuid) -> Result<Option<String>, StoreError>;
+    /// Answers lookups, in order.
+    async fn read(&self, lookups: &[Lookup]) -> Result<Vec<Found>, StoreError>;
+    /// Up to `limit` unpublished changes, in publishing order (see the module invariants).
+    async fn pending_changes(&self, limit: usize) -> Result<Vec<PendingChange>, StoreError>;
+    /// Removes published changes from the outbox.
+    async fn delete_pending(&self, seqs: &[i64]) -> Result<(), StoreError>;
+    /// Every version ever recorded, in `seq` order (tests and tools; not for large stores).
+    async fn version_log(&self) -> Result<Vec<PendingChange>, StoreError>;
+    /// Checks that the database answers.
+    async fn ping(&self) -> Result<(), StoreError>;
+    /// Closes the connections.
+    async fn close(&self);
+}
+
+/// Opens the store named by a sqlx URL (`sqlite://PATH`, `sqlite::memory:`, `postgres://…`) and
+/// brings its schema up to date.
+pub async fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
+    let scheme = url.split(':').next().unwrap_or_default().to_ascii_lowercase();
+    match scheme.as_str() {
+        "sqlite" => Ok(Arc::new(SqliteStore::open(url).await?)),
+        "postgres" | "postgresql" => Ok(Arc::new(PostgresStore::open(url).await?)),
+        _ => Err(StoreError::InvalidUrl(format!(
+            "`{scheme}:` is not a supported database; use sqlite://PATH or postgres://USER@HOST/DB"
+        ))),
+    }
+}
+
+/// Parses a change type as stored in the `change_type` column.
+pub(crate) fn change_type(text: &str) -> Result<ChangeType, StoreError> {
+    ChangeType::parse(text)
+        .ok_or_else(|| StoreError::Database(format!("unknown change_type `{text}` in resource_versions")))
+}

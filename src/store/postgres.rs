@@ -1,0 +1,332 @@
+//! The PostgreSQL store.
+//!
+//! Writers lock the rows of their plan (`SELECT … FOR UPDATE`, in key order so that concurrent plans
+//! rarely deadlock) and write `resources`; the trigger of the migration records each version and its
+//! outbox row after the row lock is held, which is why `seq` follows commit order per resource. The
+//! publisher's read groups rows by transaction and orders the groups by their last `seq` (see
+//! docs/design.md for why this never reorders two changes of one resource).
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::{Postgres, Row, Transaction};
+use uuid::Uuid;
+
+use super::{
+    Current, Found, Lookup, NewVersion, PendingChange, ResourceKey, Store, StoreError, StoreTx, Write, change_type,
+    classify,
+};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
+
+/// A PostgreSQL-backed store.
+#[derive(Debug, Clone)]
+pub struct PostgresStore {
+    pool: PgPool,
+}
+
+impl PostgresStore {
+    /// Connects and runs the migrations.
+    pub async fn open(url: &str) -> Result<Self, StoreError> {
+        let options: PgConnectOptions = url.parse().map_err(|e: sqlx::Error| StoreError::InvalidUrl(e.to_string()))?;
+        let pool = PgPoolOptions::new()
+            .max_connections(16)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options)
+            .await
+            .map_err(classify)?;
+        MIGRATOR.run(&pool).await.map_err(|e| StoreError::Migration(e.to_string()))?;
+        Ok(PostgresStore { pool })
+    }
+
+    /// The connection pool (for the publisher's LISTEN and for tests).
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+fn pending_from_row(row: &sqlx::postgres::PgRow) -> Result<PendingChange, StoreError> {
+    let kind: String = row.try_get("change_type").map_err(classify)?;
+    Ok(PendingChange {
+        seq: row.try_get("seq").map_err(classify)?,
+        txid: row.try_get("txid").map_err(classify)?,
+        key: ResourceKey::new(
+            row.try_get::<String, _>("resource_type").map_err(classify)?,
+            row.try_get::<String, _>("resource_id").map_err(classify)?,
+        ),
+        version_id: row.try_get("version_id").map_err(classify)?,
+        change_type: change_type(&kind)?,
+        body: row.try_get("body").map_err(classify)?,
+        recorded_at: row.try_get::<DateTime<Utc>, _>("recorded_at").map_err(classify)?,
+    })
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    fn kind(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn begin(&self) -> Result<Box<dyn StoreTx>, StoreError> {
+        let tx = self.pool.begin().await.map_err(classify)?;
+        Ok(Box::new(PgTx { tx }))
+    }
+
+    async fn inbox_response(&self, message_id: Uuid) -> Result<Option<String>, StoreError> {
+        sqlx::query_scalar("SELECT response FROM inbox WHERE message_id = $1")
+            .bind(message_id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(classify)
+    }
+
+    async fn read(&self, lookups: &[Lookup]) -> Result<Vec<Found>, StoreError> {
+        let mut out = Vec::with_capacity(lookups.len());
+        let mut conn = self.pool.acquire().await.map_err(classify)?;
+        for lookup in lookups {
+            let body: Option<String> = match &lookup.version_id {
+                None => sqlx::query_scalar("SELECT body FROM resources WHERE resource_type = $1 AND resource_id = $2")
+                    .bind(&lookup.key.resource_type)
+                    .bind(&lookup.key.resource_id)
+                    .fetch_optional(&mut *conn)
+                    .await
+                    .map_err(classify)?,
+                Some(version) => sqlx::query_scalar(
+                    "SELECT body FROM resource_versions WHERE resource_type = $1 AND resource_id = $2 \
+                     AND version_id = $3 AND change_type <> 'delete'",
+                )
+                .bind(&lookup.key.resource_type)
+                .bind(&lookup.key.resource_id)
+                .bind(version)
+                .fetch_optional(&mut *conn)
+                .await
+                .map_err(classify)?,
+            };
+            out.push(match body {
+                Some(body) => Found::Resource(body),
+                None if lookup.version_id.is_none() => Found::NoResource,
+                None => {
+                    let existed: bool = sqlx::query_scalar(
+                        "SELECT EXISTS (SELECT 1 FROM resource_versions WHERE resource_type = $1 AND resource_id = $2)",
+                    )
+                    .bind(&lookup.key.resource_type)
+                    .bind(&lookup.key.resource_id)
+                    .fetch_one(&mut *conn)
+                    .await
+                    .map_err(classify)?;
+                    if existed { Found::NoVersion } else { Found::NoResource }
+                }
+            });
+        }
+        Ok(out)
+    }
+
+    async fn pending_changes(&self, limit: usize) -> Result<Vec<PendingChange>, StoreError> {
+        // Group each transaction's rows together and order the groups by their last seq. The
+        // window runs over the outbox only, which stays small while the publisher keeps up.
+        let rows = sqlx::query(
+            "SELECT v.seq, v.txid::text::bigint AS txid, v.resource_type, v.resource_id, v.version_id, \
+                    v.change_type, v.body, v.recorded_at \
+             FROM (SELECT v.seq, max(v.seq) OVER (PARTITION BY v.txid) AS group_end \
+                   FROM pending_changes p JOIN resource_versions v ON v.seq = p.seq \
+                   ORDER BY group_end, v.seq LIMIT $1) o \
+             JOIN resource_versions v ON v.seq = o.seq \
+             ORDER BY o.group_end, o.seq",
+        )
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(classify)?;
+        rows.iter().map(pending_from_row).collect()
+    }
+
+    async fn delete_pending(&self, seqs: &[i64]) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM pending_changes WHERE seq = ANY($1)")
+            .bind(seqs)
+            .execute(&self.pool)
+            .await
+            .map_err(classify)?;
+        Ok(())
+    }
+
+    async fn version_log(&self) -> Result<Vec<PendingChange>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT seq, txid::text::bigint AS txid, resource_type, resource_id, version_id, change_type, body, recorded_at \
+             FROM resource_versions ORDER BY seq",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(classify)?;
+        rows.iter().map(pending_from_row).collect()
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await.map_err(classify)?;
+        Ok(())
+    }
+
+    async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+/// A PostgreSQL write transaction.
+struct PgTx {
+    tx: Transaction<'static, Postgres>,
+}
+
+#[async_trait]
+impl StoreTx for PgTx {
+    async fn inbox_get(&mut self, message_id: Uuid) -> Result<Option<String>, StoreError> {
+        sqlx::query_scalar("SELECT response FROM inbox WHERE message_id = $1")
+            .bind(message_id)
+            .fetch_optional(&mut *self.tx)
+            .await
+            .map_err(classify)
+    }
+
+    async fn inbox_put(&mut self, message_id: Uuid, message_type: &str, response: &str) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO inbox (message_id, message_type, response) VALUES ($1, $2, $3)")
+            .bind(message_id)
+            .bind(message_type)
+            .bind(response)
+            .execute(&mut *self.tx)
+            .await
+            .map_err(classify)?;
+        Ok(())
+    }
+
+    async fn lock_current(&mut self, keys: &[ResourceKey]) -> Result<Vec<Option<Current>>, StoreError> {
+        let types: Vec<&str> = keys.iter().map(|k| k.resource_type.as_str()).collect();
+        let ids: Vec<&str> = keys.iter().map(|k| k.resource_id.as_str()).collect();
+        let rows = sqlx::query(
+            "SELECT k.ord, r.version_id, r.body \
+             FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS k(t, i, ord) \
+             JOIN resources r ON r.resource_type = k.t AND r.resource_id = k.i \
+             ORDER BY r.resource_type, r.resource_id FOR UPDATE OF r",
+        )
+        .bind(&types)
+        .bind(&ids)
+        .fetch_all(&mut *self.tx)
+        .await
+        .map_err(classify)?;
+        let mut out = vec![None; keys.len()];
+        for row in rows {
+            let ord: i64 = row.try_get("ord").map_err(classify)?;
+            if let Some(slot) = usize::try_from(ord - 1).ok().and_then(|i| out.get_mut(i)) {
+                *slot = Some(Current {
+                    version_id: row.try_get("version_id").map_err(classify)?,
+                    body: row.try_get("body").map_err(classify)?,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    async fn versions_used(&mut self, versions: &[(ResourceKey, String)]) -> Result<Vec<bool>, StoreError> {
+        let types: Vec<&str> = versions.iter().map(|(k, _)| k.resource_type.as_str()).collect();
+        let ids: Vec<&str> = versions.iter().map(|(k, _)| k.resource_id.as_str()).collect();
+        let vids: Vec<&str> = versions.iter().map(|(_, v)| v.as_str()).collect();
+        let used: Vec<i64> = sqlx::query_scalar(
+            "SELECT k.ord FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS k(t, i, v, ord) \
+             WHERE EXISTS (SELECT 1 FROM resource_versions rv WHERE rv.resource_type = k.t \
+                           AND rv.resource_id = k.i AND rv.version_id = k.v AND rv.change_type <> 'delete')",
+        )
+        .bind(&types)
+        .bind(&ids)
+        .bind(&vids)
+        .fetch_all(&mut *self.tx)
+        .await
+        .map_err(classify)?;
+        let mut out = vec![false; versions.len()];
+        for ord in used {
+            if let Some(slot) = usize::try_from(ord - 1).ok().and_then(|i| out.get_mut(i)) {
+                *slot = true;
+            }
+        }
+        Ok(out)
+    }
+
+    async fn apply(&mut self, writes: &[Write]) -> Result<(), StoreError> {
+        // Consecutive writes of one kind go in one statement; ORDER BY ord makes the trigger see
+        // them in plan order. Updates go through INSERT … ON CONFLICT because that, unlike
+        // UPDATE … FROM, processes rows in the order given; their rows are locked by this
+        // transaction, so the conflict path is always taken.
+        const INSERT: &str = "INSERT INTO resources (resource_type, resource_id, version_id, last_updated, body) \
+             SELECT t, i, v, l, b FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[]) \
+                  WITH ORDINALITY AS u(t, i, v, l, b, ord) ORDER BY ord";
+        const UPDATE: &str = "INSERT INTO resources (resource_type, resource_id, version_id, last_updated, body) \
+             SELECT t, i, v, l, b FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[]) \
+                  WITH ORDINALITY AS u(t, i, v, l, b, ord) ORDER BY ord \
+             ON CONFLICT (resource_type, resource_id) DO UPDATE SET \
+                 version_id = EXCLUDED.version_id, last_updated = EXCLUDED.last_updated, body = EXCLUDED.body";
+        let mut i = 0;
+        while i < writes.len() {
+            let (sql, run): (&'static str, Vec<&NewVersion>) = match &writes[i] {
+                Write::Delete(key) => {
+                    sqlx::query("DELETE FROM resources WHERE resource_type = $1 AND resource_id = $2")
+                        .bind(&key.resource_type)
+                        .bind(&key.resource_id)
+                        .execute(&mut *self.tx)
+                        .await
+                        .map_err(classify)?;
+                    i += 1;
+                    continue;
+                }
+                Write::Insert(_) => (
+                    INSERT,
+                    writes[i..]
+                        .iter()
+                        .map_while(|w| match w {
+                            Write::Insert(v) => Some(v),
+                            _ => None,
+                        })
+                        .collect(),
+                ),
+                Write::Update(_) => (
+                    UPDATE,
+                    writes[i..]
+                        .iter()
+                        .map_while(|w| match w {
+                            Write::Update(v) => Some(v),
+                            _ => None,
+                        })
+                        .collect(),
+                ),
+            };
+            i += run.len();
+            let column = |f: fn(&NewVersion) -> &str| run.iter().map(|v| f(v)).collect::<Vec<&str>>();
+            sqlx::query(sql)
+                .bind(column(|v| &v.key.resource_type))
+                .bind(column(|v| &v.key.resource_id))
+                .bind(column(|v| &v.version_id))
+                .bind(column(|v| &v.last_updated))
+                .bind(column(|v| &v.body))
+                .execute(&mut *self.tx)
+                .await
+                .map_err(classify)?;
+        }
+        Ok(())
+    }
+
+    async fn savepoint(&mut self) -> Result<(), StoreError> {
+        sqlx::query("SAVEPOINT plan").execute(&mut *self.tx).await.map_err(classify)?;
+        Ok(())
+    }
+
+    async fn rollback_to_savepoint(&mut self) -> Result<(), StoreError> {
+        sqlx::query("ROLLBACK TO SAVEPOINT plan").execute(&mut *self.tx).await.map_err(classify)?;
+        Ok(())
+    }
+
+    async fn release_savepoint(&mut self) -> Result<(), StoreError> {
+        sqlx::query("RELEASE SAVEPOINT plan").execute(&mut *self.tx).await.map_err(classify)?;
+        Ok(())
+    }
+
+    async fn commit(self: Box<Self>) -> Result<(), StoreError> {
+        self.tx.commit().await.map_err(classify)
+    }
+}

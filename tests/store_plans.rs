@@ -1,0 +1,692 @@
+//! Store and retrieve plans against real PostgreSQL and SQLite stores: one suite, run unchanged on both.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use fhir_pubsub::contracts::read::{self, StorePlanMessage};
+use fhir_pubsub::contracts::{ChangeType, ExecuteStorePlanResponse, RetrievePlanResponse, StatusCode, StatusDetails};
+use fhir_pubsub::plan::{PlanLimits, StoreJob, execute_retrieve_plan, execute_store_plans, validate_store_plan};
+use fhir_pubsub::store::{Lookup, PendingChange, ResourceKey, Store};
+use serde_json::value::RawValue;
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+fn raw(v: &Value) -> Box<RawValue> {
+    RawValue::from_string(v.to_string()).expect("json")
+}
+
+fn job(message: &str, message_id: Option<Uuid>) -> StoreJob {
+    let raw = fhir_pubsub::json::parse_lenient(message).expect("lenient json");
+    let StorePlanMessage::Instructions(list) = read::store_plan(&raw).expect("a store plan") else {
+        panic!("not an inline plan")
+    };
+    StoreJob { message_id, plan: validate_store_plan(list, &PlanLimits::default()) }
+}
+
+async fn store_plan_text(store: &dyn Store, message: &str, message_id: Option<Uuid>) -> ExecuteStorePlanResponse {
+    execute_store_plans(store, &[job(message, message_id)]).await.expect("store reachable").remove(0).response
+}
+
+async fn store_plan(store: &dyn Store, instructions: Value) -> ExecuteStorePlanResponse {
+    store_plan_text(store, &json!({ "instructions": instructions }).to_string(), None).await
+}
+
+async fn retrieve(store: &dyn Store, instructions: Value) -> RetrievePlanResponse {
+    let list = read::retrieve_plan(&raw(&json!({ "instructions": instructions }))).expect("retrieve plan");
+    execute_retrieve_plan(store, list).await.expect("store reachable")
+}
+
+/// A Patient as JSON text, the way Firely clients send it.
+fn patient(id: &str, version: &str, family: &str) -> String {
+    json!({"resourceType": "Patient", "id": id, "meta": {"versionId": version, "lastUpdated": "2024-01-01T00:00:00Z"},
+           "name": [{"family": family}]})
+    .to_string()
+}
+
+fn upsert(item: &str, resource: String) -> Value {
+    json!({"itemId": item, "operation": "upsert", "resource": resource})
+}
+
+fn assert_applied(response: &ExecuteStorePlanResponse) {
+    assert!(response.errors.is_empty(), "expected the plan to be applied, got {response:?}");
+}
+
+/// Everything observable about the store's contents: every version, and the outbox.
+async fn snapshot(store: &dyn Store) -> (Vec<PendingChange>, Vec<PendingChange>) {
+    (store.version_log().await.unwrap(), store.pending_changes(1_000_000).await.unwrap())
+}
+
+async fn every_status_detail_and_nothing_stored_on_failure(store: &common::TestStore) {
+    // Patient/a at version 2 (version 1 used before); Patient/d created and deleted at version 1.
+    assert_applied(&store_plan(&**store, json!([upsert("0", patient("a", "1", "One"))])).await);
+    assert_applied(&store_plan(&**store, json!([upsert("0", patient("a", "2", "Two"))])).await);
+    assert_applied(&store_plan(&**store, json!([upsert("0", patient("d", "1", "Dee"))])).await);
+    assert_applied(
+        &store_plan(
+            &**store,
+            json!([{"itemId": "0", "operation": "delete", "resourceType": "Patient", "resourceId": "d"}]),
+        )
+        .await,
+    );
+    let no_id_or_meta = include_str!("data/no-id-or-meta-patient.json");
+    let no_version =
+        json!({"resourceType": "Patient", "id": "x", "meta": {"lastUpdated": "2024-01-01T00:00:00Z"}}).to_string();
+    let no_last_updated = json!({"resourceType": "Patient", "id": "x", "meta": {"versionId": "1"}}).to_string();
+    let no_type = json!({"id": "x", "meta": {"versionId": "1", "lastUpdated": "2024-01-01T00:00:00Z"}}).to_string();
+
+    // Each case: a good instruction first (which must not be applied), then the offending one.
+    let cases: Vec<(&str, Value, StatusCode, StatusDetails)> = vec![
+        (
+            "missing itemId",
+            json!({"operation": "create", "resource": patient("x", "1", "X")}),
+            StatusCode::BadRequest,
+            StatusDetails::BadRequestMissingItemId,
+        ),
+        (
+            "delete without resourceId",
+            json!({"itemId": "bad", "operation": "delete", "resourceType": "Patient"}),
+            StatusCode::BadRequest,
+            StatusDetails::BadRequestMissingResourceId,
+        ),
+        (
+            "resource without id",
+            json!({"itemId": "bad", "operation": "create", "resource": no_id_or_meta}),
+            StatusCode::BadRequest,
+            StatusDetails::BadRequestPayloadMissingResourceId,
+        ),
+        (
+            "resource without versionId",
+            json!({"itemId": "bad", "operation": "upsert", "resource": no_version}),
+            StatusCode::BadRequest,
+            StatusDetails::BadRequestPayloadMissingVersionId,
+        ),
+        (
+            "resource without lastUpdated",
+            json!({"itemId": "bad", "operation": "upsert", "resource": no_last_updated}),
+            StatusCode::BadRequest,
+            StatusDetails::BadRequestPayloadMissingLastUpdated,
+        ),
+        (
+            "resource without resourceType",
+            json!({"itemId": "bad", "operation": "create", "resource": no_type}),
+            StatusCode::BadRequest,
+            StatusDetails::BadRequestMissingResourceType,
+        ),
+        (
+            "delete without resourceType",
+            json!({"itemId": "bad", "operation": "delete", "resourceId": "a"}),
+            StatusCode::BadRequest,
+            StatusDetails::BadRequestMissingResourceType,
+        ),
+        (
+            "create without resource",
+            json!({"itemId": "bad", "operation": "create", "resourceType": "Patient", "resourceId": "x"}),
+            StatusCode::BadRequest,
+            StatusDetails::BadRequestMissingResourcePayload,
+        ),
+        (
+            "resource \"null\"",
+            json!({"itemId": "bad", "operation": "update", "resource": "null"}),
+            StatusCode::BadRequest,
+            StatusDetails::BadRequestMissingResourcePayload,
+        ),
+        (
+            "resource that is not JSON",
+            json!({"itemId": "bad", "operation": "create", "resource": "{\"resourceType\": "}),
+            StatusCode::BadRequest,
+            StatusDetails::BadRequestWrongPayloadFormat,
+        ),
+        (
+            "resource that is a number",
+            json!({"itemId": "bad", "operation": "create", "resource": 42}),
+            StatusCode::BadRequest,
+            StatusDetails::BadRequestWrongPayloadFormat,
+        ),
+        (
+            "resourceType differs from the resource",
+            json!({"itemId": "bad", "operation": "create", "resourceType": "Observation", "resource": patient("x", "1", "X")}),
+            StatusCode::BadRequest,
+            StatusDetails::BadRequestWrongPayloadFormat,
+        ),
+        (
+            "resourceId differs from the resource",
+            json!({"itemId": "bad", "operation": "create", "resourceId": "y", "resource": patient("x", "1", "X")}),
+            StatusCode::BadRequest,
+            StatusDetails::BadRequestWrongPayloadFormat,
+        ),
+        (
+            "operation of the wrong type",
+            json!({"itemId": "bad", "operation": ["create"], "resource": patient("x", "1", "X")}),
+            StatusCode::BadRequest,
+            StatusDetails::BadRequestWrongPayloadFormat,
+        ),
+        (
+            "second instruction for the same resource",
+            json!({"itemId": "bad", "operation": "upsert", "resource": patient("fresh", "9", "Again")}),
+            StatusCode::BadRequest,
+            StatusDetails::BadRequestWrongPayloadFormat,
+        ),
+        (
+            "unknown operation",
+            json!({"itemId": "bad", "operation": "patch", "resource": patient("x", "1", "X")}),
+            StatusCode::BadRequest,
+            StatusDetails::BadRequestOperationNotSupported,
+        ),
+        (
+            "no operation",
+            json!({"itemId": "bad", "resource": patient("x", "1", "X")}),
+            StatusCode::BadRequest,
+            StatusDetails::BadRequestOperationNotSupported,
+        ),
+        (
+            "create of an existing resource",
+            json!({"itemId": "bad", "operation": "create", "resource": patient("a", "3", "Three")}),
+            StatusCode::Error,
+            StatusDetails::CreationFailedResourceAlreadyExists,
+        ),
+        (
+            "create reusing a deleted version",
+            json!({"itemId": "bad", "operation": "create", "resource": patient("d", "1", "Dee")}),
+            StatusCode::Error,
+            StatusDetails::CreationFailedVersionIdCannotBeReused,
+        ),
+        (
+            "upsert-create reusing a deleted version",
+            json!({"itemId": "bad", "operation": "upsert", "resource": patient("d", "1", "Dee again")}),
+            StatusCode::Error,
+            StatusDetails::CreationFailedVersionIdCannotBeReused,
+        ),
+        (
+            "update of an absent resource",
+            json!({"itemId": "bad", "operation": "update", "resource": patient("nobody", "1", "N")}),
+            StatusCode::Error,
+            StatusDetails::UpdateFailedResourceNotFound,
+        ),
+        (
+            "update of a deleted resource",
+            json!({"itemId": "bad", "operation": "update", "resource": patient("d", "2", "D")}),
+            StatusCode::Error,
+            StatusDetails::UpdateFailedResourceNotFound,
+        ),
+        (
+            "update with a stale currentVersion",
+            json!({"itemId": "bad", "operation": "update", "currentVersion": "1", "resource": patient("a", "3", "Three")}),
+            StatusCode::Error,
+            StatusDetails::UpdateFailedVersionIdMismatch,
+        ),
+        (
+            "upsert with a stale currentVersion",
+            json!({"itemId": "bad", "operation": "upsert", "currentVersion": "1", "resource": patient("a", "3", "Three")}),
+            StatusCode::Error,
+            StatusDetails::UpdateFailedVersionIdMismatch,
+        ),
+        (
+            "update reusing an earlier version",
+            json!({"itemId": "bad", "operation": "update", "resource": patient("a", "1", "Changed")}),
+            StatusCode::Error,
+            StatusDetails::UpdateFailedVersionIdCannotBeReused,
+        ),
+        (
+            "update reusing the current version with new content",
+            json!({"itemId": "bad", "operation": "update", "resource": patient("a", "2", "Changed")}),
+            StatusCode::Error,
+            StatusDetails::UpdateFailedVersionIdCannotBeReused,
+        ),
+        (
+            "delete with a stale currentVersion",
+            json!({"itemId": "bad", "operation": "delete", "resourceType": "Patient", "resourceId": "a", "currentVersion": "1"}),
+            StatusCode::Error,
+            StatusDetails::DeletionFailedVersionIdMismatch,
+        ),
+    ];
+    for (what, bad, code, details) in cases {
+        let before = snapshot(&**store).await;
+        let response = store_plan(&**store, json!([upsert("good", patient("fresh", "1", "Fresh")), bad.clone()])).await;
+        assert_eq!(response.errors.len(), 1, "{what}: exactly the offending instruction is reported: {response:?}");
+        let error = &response.errors[0];
+        assert_eq!((error.status.code, error.status.details), (code, Some(details)), "{what}: {response:?}");
+        let expected_item = bad.get("itemId").and_then(Value::as_str).map(str::to_owned);
+        assert_eq!(error.item_id, expected_item, "{what}: the error names the instruction");
+        assert!(error.message.as_deref().is_some_and(|m| m.len() > 10), "{what}: a sentence to act on: {error:?}");
+        assert_eq!(snapshot(&**store).await, before, "{what}: the failing plan left the store unchanged");
+    }
+
+    // Every failing instruction is reported, not only the first.
+    let response = store_plan(
+        &**store,
+        json!([
+            {"itemId": "1", "operation": "update", "resource": patient("nobody", "1", "N")},
+            upsert("2", patient("fresh2", "1", "OK")),
+            {"itemId": "3", "operation": "create", "resource": patient("a", "5", "A")}
+        ]),
+    )
+    .await;
+    let reported: Vec<_> =
+        response.errors.iter().map(|e| (e.item_id.clone().unwrap(), e.status.details.unwrap())).collect();
+    assert_eq!(
+        reported,
+        vec![
+            ("1".to_owned(), StatusDetails::UpdateFailedResourceNotFound),
+            ("3".to_owned(), StatusDetails::CreationFailedResourceAlreadyExists)
+        ]
+    );
+
+    // Retrieve details.
+    let items = retrieve(
+        &**store,
+        json!([
+            {"itemId": "cur", "reference": {"resourceType": "Patient", "resourceId": "a"}},
+            {"itemId": "old", "reference": {"resourceType": "Patient", "resourceId": "a", "version": "1"}},
+            {"itemId": "deleted", "reference": {"resourceType": "Patient", "resourceId": "d"}},
+            {"itemId": "deleted-old", "reference": {"resourceType": "Patient", "resourceId": "d", "version": "1"}},
+            {"itemId": "no-version", "reference": {"resourceType": "Patient", "resourceId": "a", "version": "77"}},
+            {"itemId": "absent", "reference": {"resourceType": "Patient", "resourceId": "nobody"}},
+            {"reference": {"resourceType": "Patient", "resourceId": "a"}},
+            {"itemId": "no-ref"},
+            {"itemId": "half-ref", "reference": {"resourceType": "Patient"}},
+        ]),
+    )
+    .await
+    .items;
+    let got: Vec<_> = items.iter().map(|i| (i.item_id.as_deref(), i.status.code, i.status.details.unwrap())).collect();
+    assert_eq!(
+        got,
+        vec![
+            (Some("cur"), StatusCode::Success, StatusDetails::Ok),
+            (Some("old"), StatusCode::Success, StatusDetails::Ok),
+            (Some("deleted"), StatusCode::Error, StatusDetails::ResourceNotFound),
+            (Some("deleted-old"), StatusCode::Success, StatusDetails::Ok),
+            (Some("no-version"), StatusCode::Error, StatusDetails::MatchingVersionNotFound),
+            (Some("absent"), StatusCode::Error, StatusDetails::ResourceNotFound),
+            (None, StatusCode::BadRequest, StatusDetails::BadRequestMissingItemId),
+            (Some("no-ref"), StatusCode::BadRequest, StatusDetails::BadRequestMissingReference),
+            (Some("half-ref"), StatusCode::BadRequest, StatusDetails::BadRequestMissingReference),
+        ]
+    );
+    assert_eq!(items[0].resource.as_deref(), Some(patient("a", "2", "Two").as_str()));
+    assert_eq!(items[1].resource.as_deref(), Some(patient("a", "1", "One").as_str()));
+    assert_eq!(items[3].resource.as_deref(), Some(patient("d", "1", "Dee").as_str()));
+    assert!(items[2].resource.is_none() && items[4].resource.is_none());
+}
+both_stores!(every_status_detail, every_status_detail_and_nothing_stored_on_failure);
+
+async fn success_rules(store: &common::TestStore) {
+    // The .NET client sends the new versionId as currentVersion on create: ignored.
+    let r = store_plan(
+        &**store,
+        json!([{"itemId": "0", "operation": "create", "currentVersion": "1", "resource": patient("c", "1", "C")}]),
+    )
+    .await;
+    assert_applied(&r);
+    // An upsert that creates ignores currentVersion too; operations are read in any case.
+    let r = store_plan(
+        &**store,
+        json!([{"itemId": "0", "operation": "UPSERT", "currentVersion": "zzz", "resource": patient("u", "1", "U")}]),
+    )
+    .await;
+    assert_applied(&r);
+    let log_before = store.version_log().await.unwrap();
+    // Upserting or updating the identical resource writes nothing and records no change.
+    assert_applied(&store_plan(&**store, json!([upsert("0", patient("u", "1", "U"))])).await);
+    let same_but_spaced =
+        serde_json::to_string_pretty(&serde_json::from_str::<Value>(&patient("u", "1", "U")).unwrap()).unwrap();
+    assert_applied(
+        &store_plan(
+            &**store,
+            json!([{"itemId": "0", "operation": "Update", "currentVersion": "1", "resource": same_but_spaced}]),
+        )
+        .await,
+    );
+    // Deleting an absent resource succeeds and changes nothing.
+    assert_applied(
+        &store_plan(&**store, json!([{"itemId": "0", "operation": "delete", "resourceType": "Patient", "resourceId": "ghost", "currentVersion": "4"}]))
+            .await,
+    );
+    assert_eq!(store.version_log().await.unwrap(), log_before, "no-ops record nothing");
+
+    // A plan's changes are recorded in instruction order, deletes with the version they removed.
+    assert_applied(
+        &store_plan(
+            &**store,
+            json!([
+                {"itemId": "0", "operation": "update", "currentVersion": "1", "resource": patient("u", "2", "U2")},
+                {"itemId": "1", "operation": "delete", "resourceType": "Patient", "resourceId": "c", "currentVersion": "1"},
+                upsert("2", patient("n", "1", "N")),
+            ]),
+        )
+        .await,
+    );
+    let log = store.version_log().await.unwrap();
+    let tail: Vec<_> = log[log.len() - 3..]
+        .iter()
+        .map(|c| (c.key.to_string(), c.version_id.as_str(), c.change_type, c.body.is_some()))
+        .collect();
+    assert_eq!(
+        tail,
+        vec![
+            ("Patient/u".into(), "2", ChangeType::Update, true),
+            ("Patient/c".into(), "1", ChangeType::Delete, false),
+            ("Patient/n".into(), "1", ChangeType::Create, true)
+        ]
+    );
+    // After a delete the resource can be created again with a new version.
+    assert_applied(
+        &store_plan(&**store, json!([{"itemId": "0", "operation": "create", "resource": patient("c", "2", "C2")}]))
+            .await,
+    );
+}
+both_stores!(success_rules_hold, success_rules);
+
+async fn resources_are_stored_byte_for_byte(store: &common::TestStore) {
+    // As a JSON string (Firely's form), with its own odd spacing and key order.
+    let as_text = "{ \"resourceType\":\"Patient\",  \"meta\":{\"versionId\":\"v1\",\"lastUpdated\":\"2023-06-09T08:33:21+02:00\"},\"id\":\"s\", \"name\":[{\"given\":[\"Zoë\"]}] }";
+    // As a JSON object inside the message (the sample form), with comments and odd case around it.
+    let message = r#"{
+        "Instructions": [
+            { "ItemId": "0", "Operation": "Upsert", "Resource": {"resourceType" : "Patient", "id":"o",
+                "meta": {"versionId": "v1", "lastUpdated": "2023-06-09T08:33:21+02:00"}, "birthDate": "1974-12-25" } }, // an object
+            { "itemId": "1", "operation": "create", "resource": "RESOURCE" },
+        ]
+    }"#
+    .replace("\"RESOURCE\"", &serde_json::to_string(as_text).unwrap());
+    assert_applied(&store_plan_text(&**store, &message, None).await);
+    let found = store
+        .read(&[
+            Lookup { key: ResourceKey::new("Patient", "o"), version_id: None },
+            Lookup { key: ResourceKey::new("Patient", "s"), version_id: Some("v1".into()) },
+        ])
+        .await
+        .unwrap();
+    let texts: Vec<_> = found
+        .into_iter()
+        .map(|f| match f {
+            fhir_pubsub::store::Found::Resource(body) => body,
+            other => panic!("not found: {other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        texts[0],
+        r#"{"resourceType" : "Patient", "id":"o",
+                "meta": {"versionId": "v1", "lastUpdated": "2023-06-09T08:33:21+02:00"}, "birthDate": "1974-12-25" }"#
+    );
+    assert_eq!(texts[1], as_text);
+}
+both_stores!(byte_for_byte, resources_are_stored_byte_for_byte);
+
+async fn the_inbox_makes_a_command_idempotent(store: &common::TestStore) {
+    let id = Uuid::new_v4();
+    let plan = json!({"instructions": [upsert("0", patient("i", "1", "I"))]}).to_string();
+    let first = store_plan_text(&**store, &plan, Some(id)).await;
+    assert_applied(&first);
+    let log = store.version_log().await.unwrap();
+    // The same command again: same response, no second effect, even though the world changed.
+    assert_applied(&store_plan(&**store, json!([upsert("0", patient("i", "2", "I2"))])).await);
+    let log_after_other = store.version_log().await.unwrap();
+    let outcome = execute_store_plans(&**store, &[job(&plan, Some(id))]).await.unwrap().remove(0);
+    assert!(outcome.replayed);
+    assert_eq!(outcome.response, first);
+    assert_eq!(store.version_log().await.unwrap(), log_after_other);
+    assert_eq!(log_after_other.len(), log.len() + 1);
+
+    // A failed command is remembered with its failure, and is not retried into success later.
+    let failing_id = Uuid::new_v4();
+    let failing =
+        json!({"instructions": [{"itemId": "0", "operation": "update", "resource": patient("later", "1", "L")}]})
+            .to_string();
+    let first_failure = store_plan_text(&**store, &failing, Some(failing_id)).await;
+    assert_eq!(first_failure.errors[0].status.details, Some(StatusDetails::UpdateFailedResourceNotFound));
+    assert_applied(&store_plan(&**store, json!([upsert("0", patient("later", "0", "L0"))])).await);
+    assert_eq!(store_plan_text(&**store, &failing, Some(failing_id)).await, first_failure);
+    assert_eq!(
+        store
+            .inbox_response(failing_id)
+            .await
+            .unwrap()
+            .map(|t| serde_json::from_str::<ExecuteStorePlanResponse>(&t).unwrap()),
+        Some(first_failure)
+    );
+
+    // In one group commit, a command and its duplicate: one effect, the same response twice.
+    let dup = Uuid::new_v4();
+    let plan = json!({"instructions": [upsert("0", patient("g", "1", "G"))]}).to_string();
+    let outcomes = execute_store_plans(&**store, &[job(&plan, Some(dup)), job(&plan, Some(dup))]).await.unwrap();
+    assert_eq!(outcomes[0].response, outcomes[1].response);
+    assert!(!outcomes[0].replayed && outcomes[1].replayed);
+    assert_eq!(outcomes[0].changes + outcomes[1].changes, 1);
+}
+both_stores!(inbox, the_inbox_makes_a_command_idempotent);
+
+async fn plans_in_one_group_commit_fail_alone(store: &common::TestStore) {
+    let good = json!({"instructions": [upsert("0", patient("g1", "1", "G"))]}).to_string();
+    let bad = json!({"instructions": [upsert("0", patient("g2", "1", "G")), {"itemId": "1", "operation": "update", "resource": patient("none", "1", "N")}]}).to_string();
+    let also_good = json!({"instructions": [upsert("0", patient("g3", "1", "G"))]}).to_string();
+    let outcomes =
+        execute_store_plans(&**store, &[job(&good, None), job(&bad, None), job(&also_good, None)]).await.unwrap();
+    assert!(outcomes[0].response.errors.is_empty() && outcomes[2].response.errors.is_empty());
+    assert_eq!(outcomes[1].response.errors[0].status.details, Some(StatusDetails::UpdateFailedResourceNotFound));
+    let keys: Vec<String> = store.version_log().await.unwrap().iter().map(|c| c.key.to_string()).collect();
+    assert_eq!(keys, vec!["Patient/g1", "Patient/g3"]);
+}
+both_stores!(group_commit, plans_in_one_group_commit_fail_alone);
+
+async fn a_foreign_sql_write_is_recorded(store: &common::TestStore) {
+    let body = patient("f", "1", "Foreign");
+    let sql = "INSERT INTO resources (resource_type, resource_id, version_id, last_updated, body) VALUES ('Patient', 'f', '1', '2024-01-01T00:00:00Z', $1)";
+    let delete = "DELETE FROM resources WHERE resource_type = 'Patient' AND resource_id = 'f'";
+    if store.url.starts_with("sqlite") {
+        let pool = sqlx::SqlitePool::connect(&store.url).await.unwrap();
+        sqlx::query(sql).bind(&body).execute(&pool).await.unwrap();
+        sqlx::query(delete).execute(&pool).await.unwrap();
+        pool.close().await;
+    } else {
+        let pool = sqlx::PgPool::connect(&store.url).await.unwrap();
+        sqlx::query(sql).bind(&body).execute(&pool).await.unwrap();
+        sqlx::query(delete).execute(&pool).await.unwrap();
+        pool.close().await;
+    }
+    let pending: Vec<_> =
+        store.pending_changes(10).await.unwrap().into_iter().map(|c| (c.change_type, c.version_id, c.body)).collect();
+    assert_eq!(pending, vec![(ChangeType::Create, "1".into(), Some(body)), (ChangeType::Delete, "1".into(), None)]);
+}
+both_stores!(foreign_writes, a_foreign_sql_write_is_recorded);
+
+/// What a writer knows it committed: (resource, version, change, the version it replaced).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Committed {
+    key: String,
+    version: String,
+    change: ChangeType,
+    /// For update/delete: the currentVersion the instruction named, so the change must follow it.
+    after: Option<String>,
+}
+
+/// 8 writers on 12 overlapping resources for several seconds, with optimistic-concurrency conflicts and
+/// plans designed to fail, while a reader drains the outbox as the publisher will. Afterwards the drained
+/// changes are exactly the committed ones, each once, per resource in version order, each plan's
+/// changes together and in instruction order.
+async fn concurrent_writers_and_a_reader(store: &common::TestStore) {
+    const WRITERS: usize = 8;
+    const RESOURCES: usize = 12;
+    let run_for = Duration::from_secs(4);
+    let store: Arc<dyn Store> = store.store.clone();
+    let writing = Arc::new(AtomicBool::new(true));
+
+    let reader = {
+        let (store, writing) = (store.clone(), writing.clone());
+        tokio::spawn(async move {
+            let mut drained: Vec<PendingChange> = Vec::new();
+            loop {
+                let still_writing = writing.load(Ordering::SeqCst);
+                let batch = store.pending_changes(50).await.unwrap();
+                if batch.is_empty() {
+                    if !still_writing {
+                        return drained;
+                    }
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    continue;
+                }
+                store.delete_pending(&batch.iter().map(|c| c.seq).collect::<Vec<_>>()).await.unwrap();
+                drained.extend(batch);
+            }
+        })
+    };
+
+    let mut writers = Vec::new();
+    for w in 0..WRITERS {
+        let store = store.clone();
+        writers.push(tokio::spawn(async move {
+            let mut committed_plans: Vec<Vec<Committed>> = Vec::new();
+            let mut failed_versions: Vec<String> = Vec::new();
+            let (mut conflicts, mut n) = (0usize, 0usize);
+            let started = Instant::now();
+            let mut rng = (w as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            let mut next = move |m: usize| {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                (rng % m as u64) as usize
+            };
+            while started.elapsed() < run_for {
+                n += 1;
+                let size = 1 + next(3);
+                let mut ids: Vec<usize> = (0..size).map(|_| next(RESOURCES)).collect();
+                ids.sort_unstable();
+                ids.dedup();
+                let lookups: Vec<Lookup> =
+                    ids.iter().map(|i| Lookup { key: ResourceKey::new("Patient", format!("r{i}")), version_id: None }).collect();
+                let current = store.read(&lookups).await.unwrap();
+                let mut instructions = Vec::new();
+                let mut expect = Vec::new();
+                for (i, found) in ids.iter().zip(current) {
+                    let id = format!("r{i}");
+                    let version = format!("w{w}-{n}-{i}");
+                    let current_version = match &found {
+                        fhir_pubsub::store::Found::Resource(body) => Some(
+                            serde_json::from_str::<Value>(body).unwrap()["meta"]["versionId"].as_str().unwrap().to_owned(),
+                        ),
+                        _ => None,
+                    };
+                    let item = format!("{}", instructions.len());
+                    match current_version {
+                        None => {
+                            instructions.push(json!({"itemId": item, "operation": "create", "resource": patient(&id, &version, "C")}));
+                            expect.push(Committed { key: format!("Patient/{id}"), version, change: ChangeType::Create, after: None });
+                        }
+                        Some(cur) if next(4) == 0 => {
+                            instructions.push(json!({"itemId": item, "operation": "delete", "resourceType": "Patient", "resourceId": id, "currentVersion": cur}));
+                            expect.push(Committed { key: format!("Patient/{id}"), version: cur.clone(), change: ChangeType::Delete, after: Some(cur) });
+                        }
+                        Some(cur) => {
+                            instructions.push(json!({"itemId": item, "operation": "update", "currentVersion": cur, "resource": patient(&id, &version, "U")}));
+                            expect.push(Committed { key: format!("Patient/{id}"), version, change: ChangeType::Update, after: Some(cur) });
+                        }
+                    }
+                }
+                let designed_to_fail = next(10) == 0;
+                if designed_to_fail {
+                    instructions.push(json!({"itemId": "doomed", "operation": "update", "resource": patient("never-there", "1", "X")}));
+                }
+                let plan = json!({"instructions": instructions}).to_string();
+                let response = execute_store_plans(store.as_ref(), &[job(&plan, Some(Uuid::new_v4()))]).await.unwrap().remove(0).response;
+                if response.errors.is_empty() {
+                    assert!(!designed_to_fail);
+                    committed_plans.push(expect);
+                } else {
+                    let designed = response.errors.iter().any(|e| e.item_id.as_deref() == Some("doomed"));
+                    assert!(designed || response.errors.iter().all(|e| e.status.code == StatusCode::Error), "{response:?}");
+                    conflicts += usize::from(!designed);
+                    failed_versions.extend(expect.into_iter().filter(|c| c.change != ChangeType::Delete).map(|c| c.version));
+                }
+            }
+            (committed_plans, failed_versions, conflicts)
+        }));
+    }
+    let mut committed_plans = Vec::new();
+    let mut failed_versions = HashSet::new();
+    let mut conflicts = 0;
+    for w in writers {
+        let (plans, failed, c) = w.await.unwrap();
+        committed_plans.extend(plans);
+        failed_versions.extend(failed);
+        conflicts += c;
+    }
+    writing.store(false, Ordering::SeqCst);
+    let drained = reader.await.unwrap();
+
+    let committed: usize = committed_plans.iter().map(Vec::len).sum();
+    assert!(
+        committed_plans.len() > 50,
+        "the writers committed too little to prove anything: {}",
+        committed_plans.len()
+    );
+    assert!(conflicts > 0, "the test must produce optimistic-concurrency conflicts");
+    assert!(!failed_versions.is_empty(), "the test must produce rolled-back plans");
+
+    // Exactly the committed changes, each once.
+    let as_committed = |c: &PendingChange| (c.key.to_string(), c.version_id.clone(), c.change_type);
+    let drained_set: HashSet<_> = drained.iter().map(as_committed).collect();
+    assert_eq!(drained_set.len(), drained.len(), "a change was drained twice");
+    let expected_set: HashSet<_> =
+        committed_plans.iter().flatten().map(|c| (c.key.clone(), c.version.clone(), c.change)).collect();
+    let missing: Vec<_> = expected_set.difference(&drained_set).collect();
+    let unexpected: Vec<_> = drained_set.difference(&expected_set).collect();
+    assert!(
+        missing.is_empty() && unexpected.is_empty(),
+        "never published: {missing:?}; never committed: {unexpected:?}"
+    );
+    assert!(drained.iter().all(|c| c.change_type == ChangeType::Delete || !failed_versions.contains(&c.version_id)));
+    // The permanent log holds the same changes.
+    let log: HashSet<_> = store.version_log().await.unwrap().iter().map(as_committed).collect();
+    assert_eq!(log, expected_set);
+
+    // Per resource, in drained order, each change follows the version it named.
+    let after: HashMap<(String, String, ChangeType), Option<String>> = committed_plans
+        .iter()
+        .flatten()
+        .map(|c| ((c.key.clone(), c.version.clone(), c.change), c.after.clone()))
+        .collect();
+    let mut live: HashMap<String, Option<String>> = HashMap::new();
+    for c in &drained {
+        let key = as_committed(c);
+        let state = live.entry(key.0.clone()).or_default();
+        match c.change_type {
+            ChangeType::Create => assert!(state.is_none(), "{key:?} created while {state:?} was live"),
+            _ => assert_eq!(state, &after[&key], "{key:?} out of order"),
+        }
+        *state = (c.change_type != ChangeType::Delete).then(|| c.version_id.clone());
+    }
+
+    // Each plan's changes are contiguous and in instruction order. A delete of a version that two plans
+    // both deleted was a no-op in one of them (deleting an absent resource succeeds), so such deletes
+    // are left out of this check.
+    let position: HashMap<_, usize> = drained.iter().enumerate().map(|(i, c)| (as_committed(c), i)).collect();
+    let mut claims: HashMap<(String, String, ChangeType), usize> = HashMap::new();
+    for c in committed_plans.iter().flatten() {
+        *claims.entry((c.key.clone(), c.version.clone(), c.change)).or_default() += 1;
+    }
+    for plan in &committed_plans {
+        let at: Vec<usize> = plan
+            .iter()
+            .map(|c| (c.key.clone(), c.version.clone(), c.change))
+            .filter(|k| claims[k] == 1)
+            .map(|k| position[&k])
+            .collect();
+        assert!(at.windows(2).all(|w| w[0] < w[1]), "a plan's changes were reordered: {at:?}");
+        let own: HashSet<_> = plan.iter().map(|c| (c.key.clone(), c.version.clone(), c.change)).collect();
+        if let (Some(first), Some(last)) = (at.first(), at.last()) {
+            for c in &drained[*first..=*last] {
+                assert!(own.contains(&as_committed(c)), "another plan's change {c:?} came between a plan's changes");
+            }
+        }
+    }
+    eprintln!(
+        "{} plans committed ({committed} changes), {conflicts} conflicts, {} versions rolled back",
+        committed_plans.len(),
+        failed_versions.len()
+    );
+}
+both_stores!(concurrent_change_log, concurrent_writers_and_a_reader);
