@@ -514,13 +514,12 @@ fn event_and_request_shapes() {
 
 #[test]
 fn non_ascii_is_written_unescaped() {
-    let event = Envelope::event(
+    let mut event = Envelope::event(
         MessageType::ResourcesChangedEvent,
         raw(r#"{"name":"Ælfrēd <&> 日本"}"#),
         ids::new_id(),
         "rabbitmq://h/x",
     );
-    let mut event = event;
     event.headers.insert("note".into(), json!("café <b> & 🙂"));
     let text = String::from_utf8(encode(&event)).unwrap();
     assert!(text.contains("café <b> & 🙂"), "{text}");
