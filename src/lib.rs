@@ -5,6 +5,7 @@
 //! reply goes back through the transport, and committed changes are published as events.
 
 pub mod contracts;
+pub mod envelope;
 pub mod json;
 pub mod plan;
 pub mod store;
