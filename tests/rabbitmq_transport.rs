@@ -74,15 +74,6 @@ impl Raw {
         self.channel().await.exchange_declare(name.into(), kind, options, FieldTable::default()).await.is_ok()
     }
 
-    async fn exchange_exists(&self, name: &str) -> bool {
-        let options = ExchangeDeclareOptions { passive: true, ..ExchangeDeclareOptions::default() };
-        self.channel()
-            .await
-            .exchange_declare(name.into(), ExchangeKind::Fanout, options, FieldTable::default())
-            .await
-            .is_ok()
-    }
-
     /// Ready messages in a queue (`None` when it does not exist).
     async fn queue_count(&self, name: &str) -> Option<u32> {
         let options = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };

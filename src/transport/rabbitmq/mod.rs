@@ -759,16 +759,14 @@ fn connect_error(error: &lapin::Error) -> TransportError {
 
 fn declare_error(name: &str, error: &lapin::Error) -> TransportError {
     match reply_code(error) {
-        Some(code @ (403 | 404 | 405 | 406)) => {
-            TransportError::Refused(format!("declaring `{name}` failed ({code}): {error}"))
-        }
+        Some(code @ 403..=406) => TransportError::Refused(format!("declaring `{name}` failed ({code}): {error}")),
         _ => TransportError::Unavailable(format!("declaring `{name}` failed: {error}")),
     }
 }
 
 fn broker_error(error: &lapin::Error) -> TransportError {
     match reply_code(error) {
-        Some(code @ (403 | 404 | 405 | 406)) => TransportError::Refused(format!("({code}) {error}")),
+        Some(code @ 403..=406) => TransportError::Refused(format!("({code}) {error}")),
         _ => TransportError::Unavailable(error.to_string()),
     }
 }
