@@ -5,5 +5,6 @@
 //! reply goes back through the transport, and committed changes are published as events.
 
 pub mod contracts;
+pub mod envelope;
 pub mod json;
 pub mod transport;
