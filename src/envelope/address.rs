@@ -676,10 +676,11 @@ fn check_kafka_topic(text: &str, topic: &str) -> Result<(), AddressError> {
         Some(format!("Kafka topic names are at most 249 characters, this one has {}", topic.len()))
     } else if topic == "." || topic == ".." {
         Some("Kafka does not allow the topic names `.` and `..`".to_owned())
-    } else if let Some(bad) = topic.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
-        Some(format!("Kafka topic names may only contain letters, digits, `.`, `_` and `-`, not `{bad}`"))
     } else {
-        None
+        topic
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+            .map(|bad| format!("Kafka topic names may only contain letters, digits, `.`, `_` and `-`, not `{bad}`"))
     };
     match problem {
         Some(reason) => Err(AddressError::InvalidName { text: text.into(), name: topic.into(), reason }),
