@@ -458,6 +458,9 @@ impl Inner {
         if let Some(alternate) = &target.alternate_exchange {
             arguments.insert(ShortString::from("alternate-exchange"), convert::text(alternate));
         }
+        if let Some(delayed) = &target.delayed_type {
+            arguments.insert(ShortString::from("x-delayed-type"), convert::text(delayed));
+        }
         let name = ShortString::from(target.name.as_str());
         let declared = channel.exchange_declare(name.clone(), target.exchange_type.kind(), options, arguments).await;
         let channel = match declared {

@@ -1,15 +1,14 @@
 //! Where a send goes: the exchange (and optionally queue) named by a MassTransit address, with the
-//! flags to declare it with (wire spec §2.3, §2.4).
+//! flags to declare it with (wire spec §2.3, §2.4). Addresses are parsed by
+//! [`crate::envelope::address`]; this module only turns one into what the broker needs.
 //!
 //! Invariant: host, port and vhost of an address are ignored, as MassTransit does on send; only
 //! the name and the query decide the target.
 
 use lapin::ExchangeKind;
 
+use crate::envelope::address::{DIRECT_REPLY_TO, RabbitMqAddress};
 use crate::transport::TransportError;
-
-/// The suffix of RabbitMQ's direct reply-to pseudo queue.
-const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
 
 /// The exchange type of a send target.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -61,6 +60,8 @@ pub struct SendTarget {
     /// Exchanges to declare and bind to this one (`bindexchange=`).
     pub bind_exchanges: Vec<String>,
     pub alternate_exchange: Option<String>,
+    /// For an `x-delayed-message` exchange, the type it routes like (`x-delayed-type`).
+    pub delayed_type: Option<String>,
 }
 
 impl SendTarget {
@@ -75,6 +76,7 @@ impl SendTarget {
             queue: None,
             bind_exchanges: Vec::new(),
             alternate_exchange: None,
+            delayed_type: None,
         }
     }
 
@@ -86,55 +88,25 @@ impl SendTarget {
     /// Parses a MassTransit RabbitMQ address: `rabbitmq|rabbitmqs|amqp|amqps://host[:port]/[vhost/]name[?query]`,
     /// `queue:name` or `exchange:name`.
     pub fn parse(address: &str) -> Result<Self, TransportError> {
-        let invalid =
-            |reason: &str| TransportError::InvalidAddress { address: address.to_owned(), reason: reason.to_owned() };
-        let text = address.trim();
-        let (scheme, rest) = text.split_once(':').ok_or_else(|| invalid("no scheme"))?;
-        let scheme = scheme.to_ascii_lowercase();
-        let (path, query) = match rest.split_once('?') {
-            Some((path, query)) => (path, Some(query)),
-            None => (rest, None),
-        };
-        let mut bind = false;
-        let raw_name = match scheme.as_str() {
-            "rabbitmq" | "rabbitmqs" | "amqp" | "amqps" => {
-                let after = path.strip_prefix("//").ok_or_else(|| invalid("expected `//host/name`"))?;
-                let (_, path) = after.split_once('/').ok_or_else(|| invalid("no name in the path"))?;
-                path.rsplit('/').next().unwrap_or_default()
-            }
-            "queue" => {
-                bind = true;
-                path
-            }
-            "exchange" => path,
-            _ => return Err(invalid("not a RabbitMQ address")),
-        };
-        let name = percent_encoding::percent_decode_str(raw_name)
-            .decode_utf8()
-            .map_err(|_| invalid("the name is not UTF-8"))?
-            .into_owned();
-        if name.is_empty() {
-            return Err(invalid("empty name"));
+        let parsed = RabbitMqAddress::parse(address)
+            .map_err(|e| TransportError::InvalidAddress { address: address.to_owned(), reason: e.to_string() })?;
+        Ok(SendTarget::from(&parsed))
+    }
+}
+
+impl From<&RabbitMqAddress> for SendTarget {
+    fn from(address: &RabbitMqAddress) -> Self {
+        SendTarget {
+            name: address.name.clone(),
+            exchange_type: ExchangeType::parse(&address.exchange_type),
+            durable: address.durable,
+            auto_delete: address.auto_delete,
+            bind: address.bind,
+            queue: address.queue_name().filter(|q| *q != address.name).map(str::to_owned),
+            bind_exchanges: address.bind_exchanges.clone(),
+            alternate_exchange: address.alternate_exchange.clone(),
+            delayed_type: address.delayed_type.clone(),
         }
-        let mut target = SendTarget { bind, ..SendTarget::exchange(name) };
-        for (key, value) in url::form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
-            let flag = value.eq_ignore_ascii_case("true");
-            match key.to_ascii_lowercase().as_str() {
-                "temporary" if flag => {
-                    target.durable = false;
-                    target.auto_delete = true;
-                }
-                "durable" => target.durable = flag,
-                "autodelete" => target.auto_delete = flag,
-                "type" => target.exchange_type = ExchangeType::parse(&value),
-                "bind" => target.bind = flag,
-                "queue" if !value.is_empty() => target.queue = Some(value.into_owned()),
-                "bindexchange" if !value.is_empty() => target.bind_exchanges.push(value.into_owned()),
-                "alternateexchange" if !value.is_empty() => target.alternate_exchange = Some(value.into_owned()),
-                _ => {}
-            }
-        }
-        Ok(target)
     }
 }
 
@@ -166,5 +138,12 @@ mod tests {
         assert!(SendTarget::parse("rabbitmq://localhost/amq.rabbitmq.reply-to").expect("valid").is_direct_reply_to());
         assert!(SendTarget::parse("http://x/y").is_err());
         assert!(SendTarget::parse("rabbitmq://host/").is_err());
+    }
+
+    #[test]
+    fn delayed_exchanges_keep_their_routing_type() {
+        let t = SendTarget::parse("rabbitmq://h/x?delayedtype=direct").expect("valid");
+        assert_eq!(t.exchange_type, ExchangeType::Other("x-delayed-message".to_owned()));
+        assert_eq!(t.delayed_type.as_deref(), Some("direct"));
     }
 }
