@@ -1,1 +1,0 @@
-//! RabbitMQ transport on lapin (MassTransit topology and conventions).
