@@ -4,6 +4,7 @@
 //! decodes it, [`plan`] validates and executes it in one transaction against a [`store`], the
 //! reply goes back through the transport, and committed changes are published as events.
 
+pub mod bridge;
 pub mod config;
 pub mod contracts;
 pub mod envelope;

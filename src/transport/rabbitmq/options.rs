@@ -129,6 +129,40 @@ impl fmt::Debug for ClientIdentity {
     }
 }
 
+impl RabbitMqOptions {
+    /// The options for Firely's `PubSub.MessageBroker` settings.
+    pub fn from_settings(broker: &crate::config::MessageBrokerSettings) -> Self {
+        let rabbit = &broker.rabbit_mq;
+        let client_identity = match (&rabbit.client_certificate_path, &rabbit.client_cert_file, &rabbit.client_key_file)
+        {
+            (Some(p12), _, _) => Some(ClientIdentity::Pkcs12 {
+                path: PathBuf::from(p12),
+                password: rabbit.client_certificate_passphrase.clone().unwrap_or_default(),
+            }),
+            (None, Some(cert), Some(key)) => {
+                Some(ClientIdentity::Pem { cert_path: PathBuf::from(cert), key_path: PathBuf::from(key) })
+            }
+            _ => None,
+        };
+        RabbitMqOptions {
+            host: broker.host.clone(),
+            port: broker.port,
+            username: broker.username.clone(),
+            password: broker.password.clone(),
+            vhost: broker.virtual_host.clone(),
+            queue_name: broker.application_queue_name.clone(),
+            prefetch_count: broker.prefetch_count,
+            queue_arguments: broker.queue_arguments.clone(),
+            tls: TlsOptions {
+                enabled: broker.rabbitmq_tls(),
+                ca_file: rabbit.ca_file.as_ref().map(PathBuf::from),
+                client_identity,
+            },
+            ..RabbitMqOptions::default()
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

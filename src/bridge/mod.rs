@@ -1,0 +1,406 @@
+//! The command pipeline: decode → execute → reply → acknowledge, with bounded concurrency.
+//!
+//! Acknowledgement invariant: a delivery is acknowledged only after its effect is durable (the SQL
+//! transaction committed) **and** its reply, if it asked for one, was confirmed by the broker. When
+//! the store or the broker is unavailable the delivery is given back (`retry_later`); a redelivery
+//! of a store plan that did commit is answered from the inbox, so it has one effect.
+//!
+//! Messages that can never be handled go to the error queue with the reason, and a `Fault<T>` goes to
+//! the fault or response address; messages of a type nobody here consumes go to the skipped queue.
+//! Neither ever blocks the queue or stops the process.
+//!
+//! Ordering: commands are handled concurrently (up to `ConcurrencyNumber`), but two commands that
+//! touch the same resource are applied in the order they arrived ([`KeyOrder`]).
+
+mod order;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use serde_json::value::RawValue;
+use tokio::sync::{Notify, Semaphore, watch};
+use uuid::Uuid;
+
+use crate::contracts::read::{self, StorePlanMessage};
+use crate::contracts::{ExecuteStorePlanResponse, ItemError, MessageType, StatusDetails};
+use crate::envelope::{self, Envelope};
+use crate::plan::{self, PlanLimits, StoreJob};
+use crate::store::{ResourceKey, Store, StoreError};
+use crate::transport::{Delivery, FaultReason, OutgoingMessage, Transport, TransportError};
+
+pub use order::KeyOrder;
+
+/// How the bridge handles commands.
+#[derive(Debug, Clone)]
+pub struct BridgeOptions {
+    /// Commands handled at the same time (`ConcurrencyNumber`).
+    pub concurrency: usize,
+    /// Bodies larger than this go to the error queue unread (`Limits.MaxMessageBytes`).
+    pub max_message_bytes: usize,
+    pub plan_limits: PlanLimits,
+}
+
+impl Default for BridgeOptions {
+    fn default() -> Self {
+        BridgeOptions { concurrency: 16, max_message_bytes: 16 * 1024 * 1024, plan_limits: PlanLimits::default() }
+    }
+}
+
+/// The bridge between one transport and one store.
+pub struct Bridge {
+    store: Arc<dyn Store>,
+    transport: Arc<dyn Transport>,
+    options: BridgeOptions,
+    /// Woken after each commit that recorded changes, so events go out at once.
+    changes_waker: Option<Arc<Notify>>,
+}
+
+/// What became of one delivery (logged, and used by tests).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Handled {
+    /// Applied or answered, and acknowledged.
+    Done,
+    /// Sent to the error queue.
+    Error(String),
+    /// Sent to the skipped queue.
+    Skipped,
+    /// Given back to the broker for a later attempt.
+    Retry(String),
+}
+
+impl Bridge {
+    pub fn new(store: Arc<dyn Store>, transport: Arc<dyn Transport>, options: BridgeOptions) -> Self {
+        Bridge { store, transport, options, changes_waker: None }
+    }
+
+    /// Wakes `waker` after every commit that recorded changes (the change publisher).
+    pub fn with_changes_waker(mut self, waker: Arc<Notify>) -> Self {
+        self.changes_waker = Some(waker);
+        self
+    }
+
+    /// Consumes commands until `shutdown` turns true, then waits for the commands in flight.
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) -> Result<(), TransportError> {
+        let mut deliveries = self.transport.start().await?;
+        let permits = Arc::new(Semaphore::new(self.options.concurrency.max(1)));
+        let mut order = KeyOrder::default();
+        tracing::info!(input = %self.transport.input_address(), concurrency = self.options.concurrency, "bridge consuming commands");
+        loop {
+            let delivery = tokio::select! {
+                biased;
+                _ = shutdown.wait_for(|stop| *stop) => break,
+                d = deliveries.recv() => match d { Some(d) => d, None => break },
+            };
+            let Ok(permit) = permits.clone().acquire_owned().await else { break };
+            // Decode here, in arrival order, so that the resources a command touches are known
+            // before it is handed to a task; decoding is cheap next to the SQL it precedes.
+            let prepared = self.prepare(&delivery);
+            let (waits, done) = order.enter(prepared.keys());
+            let bridge = self.clone();
+            tokio::spawn(async move {
+                for wait in waits {
+                    let _ = wait.await;
+                }
+                let outcome = bridge.handle(delivery, prepared).await;
+                drop(done);
+                drop(permit);
+                outcome
+            });
+        }
+        // Wait for the commands in flight.
+        let _ = permits.acquire_many(self.options.concurrency.max(1) as u32).await;
+        tracing::info!("bridge stopped consuming");
+        Ok(())
+    }
+
+    /// Handles one delivery from start to acknowledgement (tests call this directly).
+    pub async fn handle_delivery(&self, delivery: Delivery) -> Handled {
+        let prepared = self.prepare(&delivery);
+        self.handle(delivery, prepared).await
+    }
+
+    fn prepare(&self, delivery: &Delivery) -> Prepared {
+        if delivery.body.len() > self.options.max_message_bytes {
+            return Prepared::Unreadable(FaultReason {
+                exception_type: "MessageTooLarge".into(),
+                message: format!(
+                    "The message has {} bytes; at most {} are accepted (Limits.MaxMessageBytes). Send large plans by claim check.",
+                    delivery.body.len(),
+                    self.options.max_message_bytes
+                ),
+                message_type: None,
+            });
+        }
+        let envelope = match envelope::decode(&delivery.body, &delivery.meta) {
+            Ok(e) => e,
+            Err(e) => {
+                return Prepared::Unreadable(FaultReason {
+                    exception_type: "EnvelopeDecodeError".into(),
+                    message: e.to_string(),
+                    message_type: None,
+                });
+            }
+        };
+        let Some(kind) = envelope.message_kind().or(delivery.meta.type_hint) else {
+            return Prepared::Skip;
+        };
+        if !matches!(kind, MessageType::ExecuteStorePlanCommand | MessageType::RetrievePlanCommand) {
+            return Prepared::Skip;
+        }
+        let Some(message) = envelope.message.as_deref() else {
+            return Prepared::Fault(
+                envelope.clone(),
+                kind,
+                "MissingMessage".into(),
+                "The envelope has no `message`; put the command in `message`.".into(),
+            );
+        };
+        match kind {
+            MessageType::ExecuteStorePlanCommand => {
+                let job = match read::store_plan(message) {
+                    Ok(StorePlanMessage::Instructions(list)) => StoreJob {
+                        message_id: envelope.message_id,
+                        plan: plan::validate_store_plan(list, &self.options.plan_limits),
+                    },
+                    Ok(StorePlanMessage::ClaimCheck { .. }) => StoreJob {
+                        message_id: envelope.message_id,
+                        plan: Err(vec![ItemError::new(
+                            None,
+                            StatusDetails::BadRequestWrongPayloadFormat,
+                            "This bridge does not fetch claim-check payloads (PubSub.ClaimCheck); send the instructions inline.",
+                        )]),
+                    },
+                    Err(e) => StoreJob {
+                        message_id: envelope.message_id,
+                        plan: Err(vec![ItemError::new(
+                            None,
+                            StatusDetails::BadRequestWrongPayloadFormat,
+                            format!("The store plan cannot be read: {e}."),
+                        )]),
+                    },
+                };
+                Prepared::Store(envelope, job)
+            }
+            _ => Prepared::Retrieve(envelope),
+        }
+    }
+
+    async fn handle(&self, delivery: Delivery, prepared: Prepared) -> Handled {
+        let acker = &delivery.acker;
+        let outcome = match prepared {
+            Prepared::Unreadable(reason) => {
+                tracing::warn!(reason = %reason.message, "message cannot be read; moving it to the error queue");
+                return match acker.move_to_error(&reason).await {
+                    Ok(()) => Handled::Error(reason.message),
+                    Err(e) => Handled::Retry(e.to_string()),
+                };
+            }
+            Prepared::Skip => {
+                tracing::info!("message of a type this bridge does not consume; moving it to the skipped queue");
+                return match acker.move_to_skipped().await {
+                    Ok(()) => Handled::Skipped,
+                    Err(e) => Handled::Retry(e.to_string()),
+                };
+            }
+            Prepared::Fault(envelope, kind, exception_type, message) => {
+                return self.fault(&delivery, &envelope, kind, &exception_type, &message).await;
+            }
+            Prepared::Store(envelope, job) => self.store_plan(&envelope, job).await.map(|r| (envelope, r)),
+            Prepared::Retrieve(envelope) => self.retrieve_plan(&envelope).await.map(|r| (envelope, r)),
+        };
+        let (envelope, reply) = match outcome {
+            Ok(done) => done,
+            Err(e) if e.is_unavailable() || e.is_conflict() => {
+                tracing::warn!(error = %e, "store unavailable; the command will be delivered again");
+                return match acker.retry_later().await {
+                    Ok(()) | Err(_) => Handled::Retry(e.to_string()),
+                };
+            }
+            Err(e) => {
+                let kind = envelope_kind(&delivery);
+                return self.fault_decoded(&delivery, kind, "StoreError", &e.to_string()).await;
+            }
+        };
+        if let Some(address) = envelope.response_address.as_deref() {
+            if let Err(e) = self.reply(&delivery, &envelope, address, reply).await {
+                if e.is_retryable() {
+                    tracing::warn!(error = %e, "reply not confirmed; the command will be delivered again");
+                    let _ = acker.retry_later().await;
+                    return Handled::Retry(e.to_string());
+                }
+                // The effect is committed; the reply can never be sent. Keep the message for the operator.
+                let reason = FaultReason {
+                    exception_type: "ReplyFailed".into(),
+                    message: format!("The command was processed, but its reply to {address} failed: {e}"),
+                    message_type: envelope_kind(&delivery),
+                };
+                tracing::warn!(reason = %reason.message, "moving the message to the error queue");
+                return match acker.move_to_error(&reason).await {
+                    Ok(()) => Handled::Error(reason.message),
+                    Err(e) => Handled::Retry(e.to_string()),
+                };
+            }
+        }
+        match acker.ack().await {
+            Ok(()) => Handled::Done,
+            Err(e) => Handled::Retry(e.to_string()),
+        }
+    }
+
+    async fn store_plan(&self, envelope: &Envelope, job: StoreJob) -> Result<Reply, StoreError> {
+        let outcome = plan::execute_store_plans(self.store.as_ref(), std::slice::from_ref(&job)).await?.remove(0);
+        if outcome.changes > 0
+            && let Some(waker) = &self.changes_waker
+        {
+            waker.notify_one();
+        }
+        tracing::info!(
+            message_id = ?envelope.message_id,
+            instructions = job.plan.as_ref().map(Vec::len).unwrap_or(0),
+            errors = outcome.response.errors.len(),
+            changes = outcome.changes,
+            replayed = outcome.replayed,
+            "store plan handled"
+        );
+        Ok(Reply::new(MessageType::ExecuteStorePlanResponse, &outcome.response))
+    }
+
+    async fn retrieve_plan(&self, envelope: &Envelope) -> Result<Reply, StoreError> {
+        let response = match envelope.message.as_deref().map(read::retrieve_plan) {
+            Some(Ok(list)) => plan::execute_retrieve_plan(self.store.as_ref(), list).await?,
+            Some(Err(e)) => crate::contracts::RetrievePlanResponse {
+                items: vec![crate::contracts::RetrieveItem {
+                    item_id: None,
+                    resource: None,
+                    status: crate::contracts::Status::of(StatusDetails::BadRequestWrongPayloadFormat),
+                    message: Some(format!("The retrieve plan cannot be read: {e}.")),
+                }],
+            },
+            None => crate::contracts::RetrievePlanResponse::default(),
+        };
+        Ok(Reply::new(MessageType::RetrievePlanResponse, &response))
+    }
+
+    async fn reply(
+        &self,
+        delivery: &Delivery,
+        request: &Envelope,
+        address: &str,
+        reply: Reply,
+    ) -> Result<(), TransportError> {
+        let response = Envelope::response(request, reply.kind, reply.message, &self.transport.input_address(), address);
+        self.transport.send(address, outgoing(&response, delivery)).await
+    }
+
+    /// Moves a decoded message that cannot be handled to the error queue, and sends `Fault<T>`.
+    async fn fault(
+        &self,
+        delivery: &Delivery,
+        envelope: &Envelope,
+        kind: MessageType,
+        exception_type: &str,
+        message: &str,
+    ) -> Handled {
+        if let Some(target) = envelope.fault_target() {
+            let fault =
+                Envelope::fault(envelope, kind, exception_type, message, &self.transport.input_address(), target);
+            if let Err(e) = self.transport.send(target, outgoing(&fault, delivery)).await {
+                tracing::warn!(error = %e, address = target, "fault could not be sent");
+            }
+        }
+        let reason =
+            FaultReason { exception_type: exception_type.into(), message: message.into(), message_type: Some(kind) };
+        tracing::warn!(reason = message, "command failed; moving it to the error queue");
+        match delivery.acker.move_to_error(&reason).await {
+            Ok(()) => Handled::Error(message.into()),
+            Err(e) => Handled::Retry(e.to_string()),
+        }
+    }
+
+    async fn fault_decoded(
+        &self,
+        delivery: &Delivery,
+        kind: Option<MessageType>,
+        exception_type: &str,
+        message: &str,
+    ) -> Handled {
+        match (envelope::decode(&delivery.body, &delivery.meta), kind) {
+            (Ok(envelope), Some(kind)) => self.fault(delivery, &envelope, kind, exception_type, message).await,
+            _ => {
+                let reason =
+                    FaultReason { exception_type: exception_type.into(), message: message.into(), message_type: kind };
+                match delivery.acker.move_to_error(&reason).await {
+                    Ok(()) => Handled::Error(message.into()),
+                    Err(e) => Handled::Retry(e.to_string()),
+                }
+            }
+        }
+    }
+}
+
+fn envelope_kind(delivery: &Delivery) -> Option<MessageType> {
+    envelope::decode(&delivery.body, &delivery.meta).ok().and_then(|e| e.message_kind()).or(delivery.meta.type_hint)
+}
+
+/// A decoded delivery, ready to be handled.
+enum Prepared {
+    Unreadable(FaultReason),
+    Skip,
+    Fault(Envelope, MessageType, String, String),
+    Store(Envelope, StoreJob),
+    Retrieve(Envelope),
+}
+
+impl Prepared {
+    /// The resources the command touches, for ordering.
+    fn keys(&self) -> Vec<ResourceKey> {
+        match self {
+            Prepared::Store(_, StoreJob { plan: Ok(list), .. }) => list.iter().map(|i| i.key.clone()).collect(),
+            Prepared::Retrieve(envelope) => envelope
+                .message
+                .as_deref()
+                .and_then(|m| read::retrieve_plan(m).ok())
+                .map(|list| {
+                    list.into_iter().filter_map(|i| Some(ResourceKey::new(i.resource_type?, i.resource_id?))).collect()
+                })
+                .unwrap_or_default(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// A response message and its type.
+struct Reply {
+    kind: MessageType,
+    message: Box<RawValue>,
+}
+
+impl Reply {
+    fn new(kind: MessageType, message: &impl Serialize) -> Self {
+        let message = serde_json::value::to_raw_value(message).unwrap_or_else(|_| {
+            // The contract types always serialize; keep the reply well-formed regardless.
+            serde_json::value::to_raw_value(&ExecuteStorePlanResponse::default()).expect("empty response serializes")
+        });
+        Reply { kind, message }
+    }
+}
+
+/// The transport message for an envelope we send in answer to `delivery`.
+fn outgoing(envelope: &Envelope, delivery: &Delivery) -> OutgoingMessage {
+    // A reply inherits the request's remaining time to live, at least one second (MassTransit).
+    let time_to_live = envelope.expiration_time.map(|t| {
+        let left = (t - chrono::Utc::now()).to_std().unwrap_or_default();
+        left.max(Duration::from_secs(1))
+    });
+    OutgoingMessage {
+        body: envelope::encode(envelope),
+        content_type: envelope::ENVELOPE_CONTENT_TYPE,
+        message_id: envelope.message_id.unwrap_or_else(Uuid::now_v7),
+        correlation_id: envelope.correlation_id,
+        headers: envelope::transport_headers(envelope),
+        time_to_live,
+        reply_to: delivery.meta.reply_to.clone(),
+        key: None,
+    }
+}
