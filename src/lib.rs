@@ -10,5 +10,6 @@ pub mod contracts;
 pub mod envelope;
 pub mod json;
 pub mod plan;
+pub mod publisher;
 pub mod store;
 pub mod transport;

@@ -9,9 +9,13 @@ use clap::{Parser, Subcommand, ValueEnum};
 use fhir_pubsub::bridge::{Bridge, BridgeOptions};
 use fhir_pubsub::config::{BrokerType, Settings, redact_url};
 use fhir_pubsub::plan::PlanLimits;
+use fhir_pubsub::publisher::Publisher;
 use fhir_pubsub::transport::Transport;
 use fhir_pubsub::transport::rabbitmq::{RabbitMqOptions, RabbitMqTransport};
 use tokio::sync::watch;
+
+/// How long a stopping bridge goes on publishing the changes left in the outbox.
+const PUBLISH_ON_SHUTDOWN: std::time::Duration = std::time::Duration::from_secs(15);
 
 #[derive(Parser)]
 #[command(
@@ -108,7 +112,14 @@ async fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
         max_message_bytes: settings.limits.max_message_bytes,
         plan_limits: PlanLimits { max_instructions: settings.limits.max_instructions_per_plan },
     };
-    let bridge = Arc::new(Bridge::new(store.clone(), transport.clone(), options));
+    let publisher = Arc::new(Publisher::new(
+        store.clone(),
+        transport.clone(),
+        settings.pub_sub.resource_change_notifications.clone(),
+    ));
+    let (stop_publisher, publisher_stopped) = watch::channel(false);
+    let publishing = tokio::spawn(publisher.clone().run(publisher_stopped));
+    let bridge = Arc::new(Bridge::new(store.clone(), transport.clone(), options).with_changes_waker(publisher.waker()));
     let (stop, stopped) = watch::channel(false);
     let mut running = tokio::spawn(bridge.run(stopped));
     tokio::select! {
@@ -122,6 +133,11 @@ async fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
             running.await.context("the bridge task failed")??;
         }
         result = &mut running => result.context("the bridge task failed")??,
+    }
+    // The bridge is done: publish what its last commits (and anyone else's) left in the outbox.
+    let _ = stop_publisher.send(true);
+    if tokio::time::timeout(PUBLISH_ON_SHUTDOWN, publishing).await.is_err() {
+        tracing::warn!("stopped before every change was published; the rest goes out after the next start");
     }
     transport.close().await;
     store.close().await;

@@ -7,8 +7,10 @@
 //! - every committed write to `resources` (by the bridge or by any other SQL client, through the
 //!   triggers of the migrations) adds exactly one row to the change outbox in the same transaction;
 //! - [`Store::pending_changes`] returns outbox rows in an order consistent with commit order per
-//!   resource, one transaction's changes together in the order they were written; a row leaves the
-//!   outbox only through [`Store::delete_pending`], after its event was confirmed.
+//!   resource, one transaction's changes together in the order they were written;
+//! - [`Store::claim_batches`] cuts the outbox into batches in that order and records them, so a batch
+//!   is published again unchanged until confirmed; a row leaves the outbox only through
+//!   [`Store::complete_batches`], after its event was confirmed.
 //!
 //! Plan rules live in [`crate::plan`]; a store offers the primitives it needs inside a [`StoreTx`].
 
@@ -105,6 +107,41 @@ pub struct PendingChange {
     /// The body after the change; `None` for a delete.
     pub body: Option<String>,
     pub recorded_at: DateTime<Utc>,
+}
+
+/// Outbox rows claimed for one event message. Until [`Store::complete_batches`] removes it, the same
+/// batch (same id, same changes, same order) is returned again by [`Store::claim_batches`], so a
+/// message published twice is the very same message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChangeBatch {
+    pub id: i64,
+    pub changes: Vec<PendingChange>,
+}
+
+impl ChangeBatch {
+    /// The log positions of the batch's changes, in publishing order.
+    pub fn seqs(&self) -> Vec<i64> {
+        self.changes.iter().map(|c| c.seq).collect()
+    }
+}
+
+/// The state of the outbox, for lag reporting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct OutboxState {
+    /// Committed changes not yet published.
+    pub pending: u64,
+    /// When the oldest of them was recorded.
+    pub oldest: Option<DateTime<Utc>>,
+}
+
+/// Leadership of the change publisher among the processes sharing a store. Dropping it gives the
+/// leadership up (at once on PostgreSQL, when the lease expires on SQLite).
+#[async_trait]
+pub trait PublisherLease: Send {
+    /// Whether this process still leads; renews a time-bound lease. `false` or an error: stop publishing.
+    async fn confirm(&mut self) -> Result<bool, StoreError>;
+    /// Gives the leadership up now.
+    async fn release(self: Box<Self>);
 }
 
 /// Errors of the store, classified by what the caller should do about them.
@@ -217,8 +254,20 @@ pub trait Store: Send + Sync {
     async fn read(&self, lookups: &[Lookup]) -> Result<Vec<Found>, StoreError>;
     /// Up to `limit` unpublished changes, in publishing order (see the module invariants).
     async fn pending_changes(&self, limit: usize) -> Result<Vec<PendingChange>, StoreError>;
-    /// Removes published changes from the outbox.
-    async fn delete_pending(&self, seqs: &[i64]) -> Result<(), StoreError>;
+    /// The batches to publish next, in publishing order: the batches claimed earlier and not yet
+    /// completed if there are any; otherwise up to `max_batches` new batches of at most `batch_size`
+    /// changes cut from the outbox in publishing order, recorded before they are returned.
+    async fn claim_batches(&self, batch_size: usize, max_batches: usize) -> Result<Vec<ChangeBatch>, StoreError>;
+    /// Removes confirmed batches and their outbox rows, in one transaction.
+    async fn complete_batches(&self, batches: &[ChangeBatch]) -> Result<(), StoreError>;
+    /// How many changes wait and since when.
+    async fn outbox_state(&self) -> Result<OutboxState, StoreError>;
+    /// Tries to become the one publisher of this store; `None` when another process leads.
+    /// `holder` names this process in the lease (SQLite).
+    async fn try_lead(&self, holder: &str) -> Result<Option<Box<dyn PublisherLease>>, StoreError>;
+    /// Wakes `waker` whenever another writer commits changes, if the database can say so (PostgreSQL
+    /// `LISTEN`); stores that cannot rely on the publisher's polling. Runs until the store is closed.
+    fn watch_changes(&self, waker: Arc<tokio::sync::Notify>);
     /// Every version ever recorded, in `seq` order (tests and tools; not for large stores).
     async fn version_log(&self) -> Result<Vec<PendingChange>, StoreError>;
     /// Checks that the database answers.
@@ -238,6 +287,28 @@ pub async fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
             "`{scheme}:` is not a supported database; use sqlite://PATH or postgres://USER@HOST/DB"
         ))),
     }
+}
+
+/// Rebuilds claimed batches, in claim order, from their recorded seqs and the version rows read back.
+pub(crate) fn reassemble(
+    claimed: Vec<(i64, Vec<i64>)>,
+    rows: Vec<PendingChange>,
+) -> Result<Vec<ChangeBatch>, StoreError> {
+    let mut by_seq: std::collections::HashMap<i64, PendingChange> = rows.into_iter().map(|c| (c.seq, c)).collect();
+    claimed
+        .into_iter()
+        .map(|(id, seqs)| {
+            let changes = seqs
+                .iter()
+                .map(|seq| {
+                    by_seq.remove(seq).ok_or_else(|| {
+                        StoreError::Database(format!("publish batch {id} names change {seq}, which is not in the log"))
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(ChangeBatch { id, changes })
+        })
+        .collect()
 }
 
 /// Parses a change type as stored in the `change_type` column.

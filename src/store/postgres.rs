@@ -10,13 +10,15 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::{Postgres, Row, Transaction};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions};
+use sqlx::{Connection, Postgres, Row, Transaction};
+use std::sync::Arc;
+use tokio::sync::Notify;
 use uuid::Uuid;
 
 use super::{
-    Current, Found, Lookup, NewVersion, PendingChange, ResourceKey, Store, StoreError, StoreTx, Write, change_type,
-    classify,
+    ChangeBatch, Current, Found, Lookup, NewVersion, OutboxState, PendingChange, PublisherLease, ResourceKey, Store,
+    StoreError, StoreTx, Write, change_type, classify,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
@@ -41,9 +43,54 @@ impl PostgresStore {
         Ok(PostgresStore { pool })
     }
 
-    /// The connection pool (for the publisher's LISTEN and for tests).
+    /// The connection pool (tests).
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+}
+
+/// The channel the change trigger notifies at commit.
+const CHANGES_CHANNEL: &str = "fhir_pubsub_changes";
+
+/// The advisory lock key of the publisher's leadership ("fhirpubs" in ASCII).
+const PUBLISHER_LOCK_KEY: i64 = 0x6668_6972_7075_6273;
+
+/// Up to `limit` outbox rows in publishing order: each transaction's rows together, the groups ordered by
+/// their last `seq`. The window runs over the outbox only, which stays small while the publisher keeps up.
+async fn pending_rows(conn: &mut PgConnection, limit: usize) -> Result<Vec<PendingChange>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT v.seq, v.txid::text::bigint AS txid, v.resource_type, v.resource_id, v.version_id, \
+                v.change_type, v.body, v.recorded_at \
+         FROM (SELECT v.seq, max(v.seq) OVER (PARTITION BY v.txid) AS group_end \
+               FROM pending_changes p JOIN resource_versions v ON v.seq = p.seq \
+               ORDER BY group_end, v.seq LIMIT $1) o \
+         JOIN resource_versions v ON v.seq = o.seq \
+         ORDER BY o.group_end, o.seq",
+    )
+    .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+    .fetch_all(conn)
+    .await
+    .map_err(classify)?;
+    rows.iter().map(pending_from_row).collect()
+}
+
+/// The publisher's leadership: held as long as this connection lives.
+struct PgLease {
+    conn: PgConnection,
+}
+
+#[async_trait]
+impl PublisherLease for PgLease {
+    async fn confirm(&mut self) -> Result<bool, StoreError> {
+        match tokio::time::timeout(Duration::from_secs(5), sqlx::query("SELECT 1").execute(&mut self.conn)).await {
+            Ok(Ok(_)) => Ok(true),
+            Ok(Err(e)) => Err(classify(e)),
+            Err(_) => Err(StoreError::Unavailable("the leadership connection did not answer within 5 s".into())),
+        }
+    }
+
+    async fn release(self: Box<Self>) {
+        let _ = self.conn.close().await;
     }
 }
 
@@ -124,31 +171,112 @@ impl Store for PostgresStore {
     }
 
     async fn pending_changes(&self, limit: usize) -> Result<Vec<PendingChange>, StoreError> {
-        // Group each transaction's rows together and order the groups by their last seq. The
-        // window runs over the outbox only, which stays small while the publisher keeps up.
-        let rows = sqlx::query(
-            "SELECT v.seq, v.txid::text::bigint AS txid, v.resource_type, v.resource_id, v.version_id, \
-                    v.change_type, v.body, v.recorded_at \
-             FROM (SELECT v.seq, max(v.seq) OVER (PARTITION BY v.txid) AS group_end \
-                   FROM pending_changes p JOIN resource_versions v ON v.seq = p.seq \
-                   ORDER BY group_end, v.seq LIMIT $1) o \
-             JOIN resource_versions v ON v.seq = o.seq \
-             ORDER BY o.group_end, o.seq",
-        )
-        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(classify)?;
-        rows.iter().map(pending_from_row).collect()
+        let mut conn = self.pool.acquire().await.map_err(classify)?;
+        pending_rows(&mut conn, limit).await
     }
 
-    async fn delete_pending(&self, seqs: &[i64]) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM pending_changes WHERE seq = ANY($1)")
-            .bind(seqs)
-            .execute(&self.pool)
+    async fn claim_batches(&self, batch_size: usize, max_batches: usize) -> Result<Vec<ChangeBatch>, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(classify)?;
+        // Claims are serialised so that two processes that both believe they lead never cut the
+        // same rows into different batches.
+        sqlx::query("LOCK TABLE publish_batches IN EXCLUSIVE MODE").execute(&mut *tx).await.map_err(classify)?;
+        let open: Vec<(i64, Vec<i64>)> = sqlx::query_as("SELECT id, seqs FROM publish_batches ORDER BY id")
+            .fetch_all(&mut *tx)
             .await
             .map_err(classify)?;
-        Ok(())
+        let batches = if open.is_empty() {
+            let changes = pending_rows(&mut tx, batch_size.max(1).saturating_mul(max_batches.max(1))).await?;
+            let mut batches = Vec::new();
+            for chunk in changes.chunks(batch_size.max(1)) {
+                let seqs: Vec<i64> = chunk.iter().map(|c| c.seq).collect();
+                let id: i64 = sqlx::query_scalar("INSERT INTO publish_batches (seqs) VALUES ($1) RETURNING id")
+                    .bind(&seqs)
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(classify)?;
+                batches.push(ChangeBatch { id, changes: chunk.to_vec() });
+            }
+            batches
+        } else {
+            let all: Vec<i64> = open.iter().flat_map(|(_, seqs)| seqs.iter().copied()).collect();
+            let rows = sqlx::query(
+                "SELECT seq, txid::text::bigint AS txid, resource_type, resource_id, version_id, change_type, body, \
+                        recorded_at FROM resource_versions WHERE seq = ANY($1)",
+            )
+            .bind(&all)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(classify)?;
+            let changes = rows.iter().map(pending_from_row).collect::<Result<Vec<_>, _>>()?;
+            super::reassemble(open, changes)?
+        };
+        tx.commit().await.map_err(classify)?;
+        Ok(batches)
+    }
+
+    async fn complete_batches(&self, batches: &[ChangeBatch]) -> Result<(), StoreError> {
+        let ids: Vec<i64> = batches.iter().map(|b| b.id).collect();
+        let seqs: Vec<i64> = batches.iter().flat_map(|b| b.changes.iter().map(|c| c.seq)).collect();
+        let mut tx = self.pool.begin().await.map_err(classify)?;
+        sqlx::query("DELETE FROM pending_changes WHERE seq = ANY($1)")
+            .bind(&seqs)
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?;
+        sqlx::query("DELETE FROM publish_batches WHERE id = ANY($1)")
+            .bind(&ids)
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?;
+        tx.commit().await.map_err(classify)
+    }
+
+    async fn outbox_state(&self) -> Result<OutboxState, StoreError> {
+        let (pending, oldest): (i64, Option<DateTime<Utc>>) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM pending_changes), \
+                    (SELECT recorded_at FROM resource_versions WHERE seq = (SELECT min(seq) FROM pending_changes))",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(classify)?;
+        Ok(OutboxState { pending: u64::try_from(pending).unwrap_or(0), oldest })
+    }
+
+    async fn try_lead(&self, _holder: &str) -> Result<Option<Box<dyn PublisherLease>>, StoreError> {
+        // A session lock on a connection of its own: PostgreSQL releases it when that connection ends,
+        // so a killed leader hands over at once.
+        let mut conn = self.pool.acquire().await.map_err(classify)?.detach();
+        let led: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(PUBLISHER_LOCK_KEY)
+            .fetch_one(&mut conn)
+            .await
+            .map_err(classify)?;
+        if led {
+            Ok(Some(Box::new(PgLease { conn })))
+        } else {
+            let _ = conn.close().await;
+            Ok(None)
+        }
+    }
+
+    fn watch_changes(&self, waker: Arc<Notify>) {
+        let pool = self.pool.clone();
+        tokio::spawn(async move {
+            while !pool.is_closed() {
+                if let Ok(mut listener) = PgListener::connect_with(&pool).await
+                    && listener.listen(CHANGES_CHANNEL).await.is_ok()
+                {
+                    // Anything committed while we were not listening is found by this first look.
+                    waker.notify_one();
+                    // `Ok(None)`: the connection was lost and is re-established on the next call;
+                    // notifications may have been missed, so look anyway.
+                    while listener.try_recv().await.is_ok() {
+                        waker.notify_one();
+                    }
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
     }
 
     async fn version_log(&self) -> Result<Vec<PendingChange>, StoreError> {

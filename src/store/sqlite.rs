@@ -12,12 +12,13 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Row, Sqlite, Transaction};
-use tokio::sync::{Mutex, OwnedMutexGuard};
+use sqlx::{Row, Sqlite, SqliteConnection, Transaction};
+use tokio::sync::{Mutex, Notify, OwnedMutexGuard};
 use uuid::Uuid;
 
 use super::{
-    Current, Found, Lookup, PendingChange, ResourceKey, Store, StoreError, StoreTx, Write, change_type, classify,
+    ChangeBatch, Current, Found, Lookup, OutboxState, PendingChange, PublisherLease, ResourceKey, Store, StoreError,
+    StoreTx, Write, change_type, classify,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
@@ -66,6 +67,82 @@ impl SqliteStore {
     /// The connection pool (tests).
     pub fn pool(&self) -> &SqlitePool {
         &self.pool
+    }
+}
+
+/// How long a publisher lease lasts without renewal: a killed leader is replaced after at most this.
+const LEASE: Duration = Duration::from_secs(5);
+/// A lease younger than this is not renewed again (renewal is a write).
+const LEASE_RENEW_AFTER: Duration = Duration::from_secs(1);
+
+/// Up to `limit` outbox rows in publishing order. With one writer at a time, `seq` order is commit order.
+async fn pending_rows(conn: &mut SqliteConnection, limit: usize) -> Result<Vec<PendingChange>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT v.seq, v.txid, v.resource_type, v.resource_id, v.version_id, v.change_type, v.body, v.recorded_at \
+         FROM pending_changes p JOIN resource_versions v ON v.seq = p.seq ORDER BY p.seq LIMIT ?",
+    )
+    .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+    .fetch_all(conn)
+    .await
+    .map_err(classify)?;
+    rows.iter().map(pending_from_row).collect()
+}
+
+fn json_list(values: &[i64]) -> Result<String, StoreError> {
+    serde_json::to_string(values).map_err(|e| StoreError::Database(e.to_string()))
+}
+
+fn unix_millis(at: std::time::SystemTime) -> i64 {
+    at.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// The publisher's leadership on SQLite: a row naming the holder, renewed before it expires.
+struct SqliteLease {
+    store: SqliteStore,
+    holder: String,
+    renewed: Option<std::time::Instant>,
+}
+
+impl SqliteLease {
+    /// Takes or extends the lease; `false` when another live holder has it.
+    async fn renew(&mut self) -> Result<bool, StoreError> {
+        let now = std::time::SystemTime::now();
+        let _guard = self.store.write_lock.lock().await;
+        let taken = sqlx::query(
+            "INSERT INTO publisher_lease (id, holder, expires_at) VALUES (1, ?1, ?2) \
+             ON CONFLICT (id) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at \
+             WHERE publisher_lease.holder = excluded.holder OR publisher_lease.expires_at < ?3",
+        )
+        .bind(&self.holder)
+        .bind(unix_millis(now + LEASE))
+        .bind(unix_millis(now))
+        .execute(&self.store.pool)
+        .await
+        .map_err(classify)?
+        .rows_affected()
+            == 1;
+        if taken {
+            self.renewed = Some(std::time::Instant::now());
+        }
+        Ok(taken)
+    }
+}
+
+#[async_trait]
+impl PublisherLease for SqliteLease {
+    async fn confirm(&mut self) -> Result<bool, StoreError> {
+        match self.renewed {
+            Some(at) if at.elapsed() < LEASE_RENEW_AFTER => Ok(true),
+            _ => self.renew().await,
+        }
+    }
+
+    async fn release(self: Box<Self>) {
+        let _guard = self.store.write_lock.lock().await;
+        let _ = sqlx::query("DELETE FROM publisher_lease WHERE holder = ?")
+            .bind(&self.holder)
+            .execute(&self.store.pool)
+            .await;
     }
 }
 
@@ -150,26 +227,94 @@ impl Store for SqliteStore {
     }
 
     async fn pending_changes(&self, limit: usize) -> Result<Vec<PendingChange>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT v.seq, v.txid, v.resource_type, v.resource_id, v.version_id, v.change_type, v.body, v.recorded_at \
-             FROM pending_changes p JOIN resource_versions v ON v.seq = p.seq ORDER BY p.seq LIMIT ?",
-        )
-        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(classify)?;
-        rows.iter().map(pending_from_row).collect()
+        let mut conn = self.pool.acquire().await.map_err(classify)?;
+        pending_rows(&mut conn, limit).await
     }
 
-    async fn delete_pending(&self, seqs: &[i64]) -> Result<(), StoreError> {
-        let list = serde_json::to_string(seqs).map_err(|e| StoreError::Database(e.to_string()))?;
+    async fn claim_batches(&self, batch_size: usize, max_batches: usize) -> Result<Vec<ChangeBatch>, StoreError> {
         let _guard = self.write_lock.lock().await;
-        sqlx::query("DELETE FROM pending_changes WHERE seq IN (SELECT value FROM json_each(?))")
-            .bind(list)
-            .execute(&self.pool)
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(classify)?;
+        let open: Vec<(i64, String)> = sqlx::query_as("SELECT id, seqs FROM publish_batches ORDER BY id")
+            .fetch_all(&mut *tx)
             .await
             .map_err(classify)?;
-        Ok(())
+        let batches = if open.is_empty() {
+            let changes = pending_rows(&mut tx, batch_size.max(1).saturating_mul(max_batches.max(1))).await?;
+            let mut batches = Vec::new();
+            for chunk in changes.chunks(batch_size.max(1)) {
+                let seqs: Vec<i64> = chunk.iter().map(|c| c.seq).collect();
+                let id: i64 = sqlx::query_scalar("INSERT INTO publish_batches (seqs) VALUES (?) RETURNING id")
+                    .bind(json_list(&seqs)?)
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(classify)?;
+                batches.push(ChangeBatch { id, changes: chunk.to_vec() });
+            }
+            tx.commit().await.map_err(classify)?;
+            batches
+        } else {
+            let mut claimed = Vec::with_capacity(open.len());
+            let mut all = Vec::new();
+            for (id, text) in open {
+                let seqs: Vec<i64> = serde_json::from_str(&text)
+                    .map_err(|e| StoreError::Database(format!("publish batch {id} has unreadable seqs: {e}")))?;
+                all.extend_from_slice(&seqs);
+                claimed.push((id, seqs));
+            }
+            let rows = sqlx::query(
+                "SELECT seq, txid, resource_type, resource_id, version_id, change_type, body, recorded_at \
+                 FROM resource_versions WHERE seq IN (SELECT value FROM json_each(?))",
+            )
+            .bind(json_list(&all)?)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(classify)?;
+            tx.rollback().await.map_err(classify)?;
+            let changes = rows.iter().map(pending_from_row).collect::<Result<Vec<_>, _>>()?;
+            super::reassemble(claimed, changes)?
+        };
+        Ok(batches)
+    }
+
+    async fn complete_batches(&self, batches: &[ChangeBatch]) -> Result<(), StoreError> {
+        let ids: Vec<i64> = batches.iter().map(|b| b.id).collect();
+        let seqs: Vec<i64> = batches.iter().flat_map(|b| b.changes.iter().map(|c| c.seq)).collect();
+        let _guard = self.write_lock.lock().await;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(classify)?;
+        sqlx::query("DELETE FROM pending_changes WHERE seq IN (SELECT value FROM json_each(?))")
+            .bind(json_list(&seqs)?)
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?;
+        sqlx::query("DELETE FROM publish_batches WHERE id IN (SELECT value FROM json_each(?))")
+            .bind(json_list(&ids)?)
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?;
+        tx.commit().await.map_err(classify)
+    }
+
+    async fn outbox_state(&self) -> Result<OutboxState, StoreError> {
+        let (pending, oldest): (i64, Option<String>) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM pending_changes), \
+                    (SELECT recorded_at FROM resource_versions WHERE seq = (SELECT min(seq) FROM pending_changes))",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(classify)?;
+        Ok(OutboxState {
+            pending: u64::try_from(pending).unwrap_or(0),
+            oldest: oldest.and_then(|t| DateTime::parse_from_rfc3339(&t).ok()).map(|t| t.with_timezone(&Utc)),
+        })
+    }
+
+    async fn try_lead(&self, holder: &str) -> Result<Option<Box<dyn PublisherLease>>, StoreError> {
+        let mut lease = SqliteLease { store: self.clone(), holder: holder.to_owned(), renewed: None };
+        Ok(if lease.renew().await? { Some(Box::new(lease)) } else { None })
+    }
+
+    fn watch_changes(&self, _waker: Arc<Notify>) {
+        // SQLite cannot tell another process's commits: the publisher's polling finds them.
     }
 
     async fn version_log(&self) -> Result<Vec<PendingChange>, StoreError> {

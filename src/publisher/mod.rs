@@ -1,0 +1,282 @@
+//! The change publisher: every committed change goes out as `ResourcesChangedEvent` and/or
+//! `ResourcesChangedLightEvent`, at least once, in commit order per resource.
+//!
+//! Invariants:
+//! - a change leaves the store's outbox only after the broker confirmed every event message carrying it
+//!   ([`Store::complete_batches`] runs after [`Transport::publish`] returned), so a crash at any moment
+//!   loses nothing; it may publish the same batch again, with the same messageId ([`events`]);
+//! - only the process holding the store's publisher lease publishes ([`Store::try_lead`]); the others
+//!   wait and take over when the leader's lease ends;
+//! - batches are published one after the other, in the order the store cut them, never more than
+//!   `MaxPublishBatchSize` changes per message.
+//!
+//! Latency: the bridge wakes the publisher after each commit ([`Publisher::waker`]); PostgreSQL's
+//! `NOTIFY` wakes it for other writers; `PollingIntervalSeconds` bounds the delay otherwise.
+
+pub mod events;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Notify, watch};
+
+use crate::config::ResourceChangeNotificationSettings;
+use crate::contracts::MessageType;
+use crate::store::{ChangeBatch, PendingChange, PublisherLease, Store, StoreError};
+use crate::transport::{Transport, TransportError};
+
+/// Batches claimed at once: more amortise the outbox read, fewer keep repeats after a crash small.
+const BATCHES_PER_CLAIM: usize = 16;
+/// How often a process that does not lead tries to take over.
+const LEAD_RETRY: Duration = Duration::from_secs(1);
+/// How often the outbox's size and age are read for the lag figures.
+const LAG_CHECK: Duration = Duration::from_secs(1);
+/// At most one lag warning this often.
+const LAG_WARNING_EVERY: Duration = Duration::from_secs(30);
+
+/// Figures of the publisher, for logs, `/status` and metrics.
+#[derive(Debug, Default)]
+pub struct PublisherStats {
+    /// Whether this process publishes now.
+    pub leading: AtomicBool,
+    /// Event messages confirmed by the broker.
+    pub messages_published: AtomicU64,
+    /// Changes whose events were all confirmed (filtered-out changes included).
+    pub changes_published: AtomicU64,
+    /// The highest log position published so far (0 before the first).
+    pub last_seq: AtomicI64,
+    /// Publish attempts that failed (and were retried).
+    pub failures: AtomicU64,
+    /// Changes waiting, at the last check.
+    pub pending: AtomicU64,
+    /// Age of the oldest waiting change in milliseconds, at the last check (0 when none waits).
+    pub lag_millis: AtomicU64,
+}
+
+/// Why leading ended.
+enum LeadEnd {
+    /// Shutdown was asked and the outbox is empty (or the store/broker is down at shutdown).
+    Stopped,
+    /// The lease is gone or cannot be confirmed.
+    Lost(String),
+}
+
+/// A publish attempt that failed; the batches stay claimed and are published again.
+#[derive(Debug, thiserror::Error)]
+enum PublishError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error("cannot serialise an event: {0}")]
+    Encode(#[from] serde_json::Error),
+}
+
+/// Publishes the store's committed changes through a transport.
+pub struct Publisher {
+    store: Arc<dyn Store>,
+    transport: Arc<dyn Transport>,
+    settings: ResourceChangeNotificationSettings,
+    waker: Arc<Notify>,
+    holder: String,
+    stats: Arc<PublisherStats>,
+}
+
+impl Publisher {
+    pub fn new(
+        store: Arc<dyn Store>,
+        transport: Arc<dyn Transport>,
+        settings: ResourceChangeNotificationSettings,
+    ) -> Self {
+        let holder = format!("pid {} ({})", std::process::id(), crate::envelope::ids::new_id());
+        Publisher { store, transport, settings, waker: Arc::new(Notify::new()), holder, stats: Arc::default() }
+    }
+
+    /// Notify this after a commit that recorded changes: the publisher looks at once.
+    pub fn waker(&self) -> Arc<Notify> {
+        self.waker.clone()
+    }
+
+    pub fn stats(&self) -> Arc<PublisherStats> {
+        self.stats.clone()
+    }
+
+    /// Runs until `shutdown` turns true; then, if leading, publishes what the outbox holds and
+    /// returns (the caller bounds how long it waits for that).
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        if !self.settings.send_full_events && !self.settings.send_light_events {
+            tracing::info!(
+                "change events are off (SendFullEvents and SendLightEvents are false): changes are recorded, not published"
+            );
+        }
+        self.store.watch_changes(self.waker.clone());
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            let lease = match self.store.try_lead(&self.holder).await {
+                Ok(Some(lease)) => lease,
+                Ok(None) => {
+                    tracing::debug!("another process publishes the change events");
+                    wait(&mut shutdown, &self.waker, LEAD_RETRY, false).await;
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot take the publisher lease; trying again");
+                    wait(&mut shutdown, &self.waker, LEAD_RETRY, false).await;
+                    continue;
+                }
+            };
+            tracing::info!("this process publishes the change events");
+            self.stats.leading.store(true, Ordering::Relaxed);
+            let end = self.lead(lease, &mut shutdown).await;
+            self.stats.leading.store(false, Ordering::Relaxed);
+            match end {
+                LeadEnd::Stopped => return,
+                LeadEnd::Lost(why) => {
+                    tracing::warn!(reason = %why, "no longer the publisher of change events; trying to take over again")
+                }
+            }
+        }
+    }
+
+    async fn lead(&self, mut lease: Box<dyn PublisherLease>, shutdown: &mut watch::Receiver<bool>) -> LeadEnd {
+        let mut lag = LagWatch::default();
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match lease.confirm().await {
+                Ok(true) => {}
+                Ok(false) => return LeadEnd::Lost("another process holds the publisher lease".into()),
+                Err(e) => return LeadEnd::Lost(e.to_string()),
+            }
+            let stopping = *shutdown.borrow();
+            match self.publish_once().await {
+                Ok(published) => {
+                    backoff = Duration::from_millis(100);
+                    self.check_lag(&mut lag).await;
+                    if published == 0 {
+                        if stopping {
+                            lease.release().await;
+                            return LeadEnd::Stopped;
+                        }
+                        let poll = Duration::from_secs(self.settings.polling_interval_seconds.max(1));
+                        wait(shutdown, &self.waker, poll, true).await;
+                    }
+                }
+                Err(e) => {
+                    self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "publishing change events failed");
+                    if stopping {
+                        tracing::warn!("shutting down with changes not yet published; they go out after the restart");
+                        lease.release().await;
+                        return LeadEnd::Stopped;
+                    }
+                    self.check_lag(&mut lag).await;
+                    wait(shutdown, &Notify::new(), backoff, false).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// Claims the next batches, publishes them in order and completes the confirmed ones. Returns
+    /// the number of changes completed.
+    async fn publish_once(&self) -> Result<usize, PublishError> {
+        let batch_size = self.settings.max_publish_batch_size.max(1) as usize;
+        let batches = self.store.claim_batches(batch_size, BATCHES_PER_CLAIM).await?;
+        let mut confirmed = 0;
+        let mut failure = None;
+        for batch in &batches {
+            match self.publish_batch(batch).await {
+                Ok(()) => confirmed += 1,
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        let done = &batches[..confirmed];
+        if !done.is_empty() {
+            self.store.complete_batches(done).await?;
+            let changes: usize = done.iter().map(|b| b.changes.len()).sum();
+            self.stats.changes_published.fetch_add(changes as u64, Ordering::Relaxed);
+            if let Some(last) = done.iter().flat_map(|b| b.changes.iter().map(|c| c.seq)).max() {
+                self.stats.last_seq.fetch_max(last, Ordering::Relaxed);
+            }
+            tracing::debug!(batches = done.len(), changes, "change events published");
+        }
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(done.iter().map(|b| b.changes.len()).sum()),
+        }
+    }
+
+    async fn publish_batch(&self, batch: &ChangeBatch) -> Result<(), PublishError> {
+        let changes: Vec<&PendingChange> =
+            batch.changes.iter().filter(|c| self.settings.publishes(&c.key.resource_type)).collect();
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let source = self.transport.input_address();
+        if self.settings.send_full_events {
+            let message = events::full_event(&changes);
+            let outgoing = events::outgoing(MessageType::ResourcesChangedEvent, &message, &changes, &source)?;
+            self.transport.publish(MessageType::ResourcesChangedEvent, outgoing).await?;
+            self.stats.messages_published.fetch_add(1, Ordering::Relaxed);
+        }
+        if self.settings.send_light_events {
+            let message = events::light_event(&changes);
+            let outgoing = events::outgoing(MessageType::ResourcesChangedLightEvent, &message, &changes, &source)?;
+            self.transport.publish(MessageType::ResourcesChangedLightEvent, outgoing).await?;
+            self.stats.messages_published.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Reads the outbox's size and age (at most once a second) and warns when the oldest waiting
+    /// change is older than `LagWarningSeconds`.
+    async fn check_lag(&self, lag: &mut LagWatch) {
+        if lag.checked.is_some_and(|at| at.elapsed() < LAG_CHECK) {
+            return;
+        }
+        lag.checked = Some(Instant::now());
+        let Ok(state) = self.store.outbox_state().await else { return };
+        let age = state.oldest.map(|t| (chrono::Utc::now() - t).to_std().unwrap_or_default()).unwrap_or_default();
+        self.stats.pending.store(state.pending, Ordering::Relaxed);
+        self.stats.lag_millis.store(age.as_millis() as u64, Ordering::Relaxed);
+        let threshold = Duration::from_secs(self.settings.lag_warning_seconds.max(1));
+        if age > threshold {
+            if lag.warned.is_none_or(|at| at.elapsed() >= LAG_WARNING_EVERY) {
+                lag.warned = Some(Instant::now());
+                tracing::warn!(
+                    pending = state.pending,
+                    oldest_seconds = age.as_secs(),
+                    threshold_seconds = threshold.as_secs(),
+                    "change events lag behind: the oldest unpublished change waits longer than LagWarningSeconds"
+                );
+            }
+        } else if lag.warned.take().is_some() {
+            tracing::info!(pending = state.pending, "change events caught up");
+        }
+    }
+}
+
+#[derive(Default)]
+struct LagWatch {
+    checked: Option<Instant>,
+    warned: Option<Instant>,
+}
+
+/// Waits for `timeout`, a wake-up (when `wakeable`), or a shutdown request.
+async fn wait(shutdown: &mut watch::Receiver<bool>, waker: &Notify, timeout: Duration, wakeable: bool) {
+    if *shutdown.borrow() {
+        return;
+    }
+    tokio::select! {
+        _ = tokio::time::sleep(timeout) => {}
+        _ = waker.notified(), if wakeable => {}
+        // A dropped sender disables this branch instead of waking in a loop.
+        Ok(()) = shutdown.changed() => {}
+    }
+}
