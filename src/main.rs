@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use fhir_pubsub::bridge::{Bridge, BridgeOptions};
 use fhir_pubsub::config::{BrokerType, Settings, redact_url};
 use fhir_pubsub::plan::PlanLimits;
-use fhir_pubsub::publisher::Publisher;
+use fhir_pubsub::publisher::{PausePoint, Publisher};
 use fhir_pubsub::transport::Transport;
 use fhir_pubsub::transport::rabbitmq::{RabbitMqOptions, RabbitMqTransport};
 use tokio::sync::watch;
@@ -112,11 +112,10 @@ async fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
         max_message_bytes: settings.limits.max_message_bytes,
         plan_limits: PlanLimits { max_instructions: settings.limits.max_instructions_per_plan },
     };
-    let publisher = Arc::new(Publisher::new(
-        store.clone(),
-        transport.clone(),
-        settings.pub_sub.resource_change_notifications.clone(),
-    ));
+    let publisher = Arc::new(
+        Publisher::new(store.clone(), transport.clone(), settings.pub_sub.resource_change_notifications.clone())
+            .with_fault_pause(PausePoint::from_env()),
+    );
     let (stop_publisher, publisher_stopped) = watch::channel(false);
     let publishing = tokio::spawn(publisher.clone().run(publisher_stopped));
     let bridge = Arc::new(Bridge::new(store.clone(), transport.clone(), options).with_changes_waker(publisher.waker()));

@@ -35,6 +35,39 @@ const LAG_CHECK: Duration = Duration::from_secs(1);
 /// At most one lag warning this often.
 const LAG_WARNING_EVERY: Duration = Duration::from_secs(30);
 
+/// The environment variable that pauses the publisher once at a named point, for crash testing:
+/// `before-publish` (batches claimed, nothing sent), `mid-batch` (the first message of a claim
+/// confirmed, the rest not sent), `after-publish` (all confirmed, the outbox not yet updated). The
+/// process then waits to be killed; it logs `publisher paused for fault injection` when it gets there.
+pub const FAULT_PAUSE_ENV: &str = "FHIR_PUBSUB_FAULT_PAUSE";
+
+/// A point where [`FAULT_PAUSE_ENV`] can hold the publisher.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PausePoint {
+    BeforePublish,
+    MidBatch,
+    AfterPublish,
+}
+
+impl PausePoint {
+    /// Reads [`FAULT_PAUSE_ENV`]; unknown values are ignored with a warning.
+    pub fn from_env() -> Option<PausePoint> {
+        let value = std::env::var(FAULT_PAUSE_ENV).ok()?;
+        match value.trim() {
+            "before-publish" => Some(PausePoint::BeforePublish),
+            "mid-batch" => Some(PausePoint::MidBatch),
+            "after-publish" => Some(PausePoint::AfterPublish),
+            other => {
+                tracing::warn!(
+                    value = other,
+                    "{FAULT_PAUSE_ENV} is not before-publish, mid-batch or after-publish; ignored"
+                );
+                None
+            }
+        }
+    }
+}
+
 /// Figures of the publisher, for logs, `/status` and metrics.
 #[derive(Debug, Default)]
 pub struct PublisherStats {
@@ -81,6 +114,8 @@ pub struct Publisher {
     waker: Arc<Notify>,
     holder: String,
     stats: Arc<PublisherStats>,
+    /// A one-shot pause for crash tests ([`FAULT_PAUSE_ENV`]).
+    pause_at: std::sync::Mutex<Option<PausePoint>>,
 }
 
 impl Publisher {
@@ -90,7 +125,32 @@ impl Publisher {
         settings: ResourceChangeNotificationSettings,
     ) -> Self {
         let holder = format!("pid {} ({})", std::process::id(), crate::envelope::ids::new_id());
-        Publisher { store, transport, settings, waker: Arc::new(Notify::new()), holder, stats: Arc::default() }
+        Publisher {
+            store,
+            transport,
+            settings,
+            waker: Arc::new(Notify::new()),
+            holder,
+            stats: Arc::default(),
+            pause_at: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Pauses the publisher for good the first time it reaches `point` (crash tests only).
+    pub fn with_fault_pause(self, point: Option<PausePoint>) -> Self {
+        *self.pause_at.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = point;
+        self
+    }
+
+    async fn maybe_pause(&self, here: PausePoint) {
+        let paused = {
+            let mut pause = self.pause_at.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if *pause == Some(here) { pause.take().is_some() } else { false }
+        };
+        if paused {
+            tracing::warn!(point = ?here, "publisher paused for fault injection");
+            std::future::pending::<()>().await;
+        }
     }
 
     /// Notify this after a commit that recorded changes: the publisher looks at once.
@@ -185,11 +245,19 @@ impl Publisher {
     async fn publish_once(&self) -> Result<usize, PublishError> {
         let batch_size = self.settings.max_publish_batch_size.max(1) as usize;
         let batches = self.store.claim_batches(batch_size, BATCHES_PER_CLAIM).await?;
+        if !batches.is_empty() {
+            self.maybe_pause(PausePoint::BeforePublish).await;
+        }
         let mut confirmed = 0;
         let mut failure = None;
         for batch in &batches {
             match self.publish_batch(batch).await {
-                Ok(()) => confirmed += 1,
+                Ok(()) => {
+                    confirmed += 1;
+                    if batches.len() > 1 && confirmed < batches.len() {
+                        self.maybe_pause(PausePoint::MidBatch).await;
+                    }
+                }
                 Err(e) => {
                     failure = Some(e);
                     break;
@@ -198,6 +266,7 @@ impl Publisher {
         }
         let done = &batches[..confirmed];
         if !done.is_empty() {
+            self.maybe_pause(PausePoint::AfterPublish).await;
             self.store.complete_batches(done).await?;
             let changes: usize = done.iter().map(|b| b.changes.len()).sum();
             self.stats.changes_published.fetch_add(changes as u64, Ordering::Relaxed);

@@ -1,0 +1,518 @@
+//! Change events end to end: the publisher against the real RabbitMQ, on PostgreSQL and SQLite, with a
+//! consumer bound to the two event exchanges.
+//!
+//! The event exchanges are shared by every bridge on the broker, so each test names its resources with a
+//! tag of its own and keeps only the messages about them.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use fhir_pubsub::config::ResourceChangeNotificationSettings;
+use fhir_pubsub::contracts::read::{self, StorePlanMessage};
+use fhir_pubsub::contracts::{ChangeType, MessageType};
+use fhir_pubsub::plan::{PlanLimits, StoreJob, execute_store_plans, validate_store_plan};
+use fhir_pubsub::publisher::Publisher;
+use fhir_pubsub::store::{PendingChange, Store};
+use fhir_pubsub::transport::rabbitmq::{RabbitMqOptions, RabbitMqTransport};
+use fhir_pubsub::transport::{Transport, TransportMeta};
+use futures::StreamExt;
+use lapin::options::{BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::{Connection, ConnectionProperties, ExchangeKind};
+use serde_json::json;
+use tokio::sync::{Notify, watch};
+use uuid::Uuid;
+
+const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// (Type/id, version, change type)
+type ChangeKey = (String, String, ChangeType);
+
+/// One event message as the consumer got it.
+#[derive(Debug, Clone)]
+struct Received {
+    message_type: MessageType,
+    message_id: Uuid,
+    changes: Vec<(ChangeKey, Option<String>)>,
+}
+
+/// A consumer of both event exchanges keeping the messages about resources whose id starts with `tag`.
+struct EventSink {
+    received: Arc<Mutex<Vec<Received>>>,
+    _connection: Connection,
+}
+
+impl EventSink {
+    async fn start(tag: &str) -> EventSink {
+        let connection = Connection::connect(AMQP, ConnectionProperties::default()).await.expect("RabbitMQ");
+        let channel = connection.create_channel().await.unwrap();
+        let queue = channel
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        for message_type in [MessageType::ResourcesChangedEvent, MessageType::ResourcesChangedLightEvent] {
+            let exchange = message_type.exchange();
+            channel
+                .exchange_declare(
+                    exchange.as_str().into(),
+                    ExchangeKind::Fanout,
+                    ExchangeDeclareOptions { durable: true, ..Default::default() },
+                    FieldTable::default(),
+                )
+                .await
+                .unwrap();
+            channel
+                .queue_bind(
+                    queue.name().clone(),
+                    exchange.as_str().into(),
+                    "".into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .unwrap();
+        }
+        let mut consumer = channel
+            .basic_consume(
+                queue.name().clone(),
+                "".into(),
+                BasicConsumeOptions { no_ack: true, ..Default::default() },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let (sink, tag) = (received.clone(), tag.to_owned());
+        tokio::spawn(async move {
+            while let Some(Ok(delivery)) = consumer.next().await {
+                let envelope =
+                    fhir_pubsub::envelope::decode(&delivery.data, &TransportMeta::default()).expect("an envelope");
+                let message_type = envelope.message_kind().expect("a known event type");
+                let changes = read::changes(envelope.message.as_deref().expect("a message")).expect("changes");
+                if !changes.iter().any(|c| c.reference.resource_id.starts_with(&tag)) {
+                    continue;
+                }
+                let changes = changes
+                    .into_iter()
+                    .map(|c| {
+                        let key = format!("{}/{}", c.reference.resource_type, c.reference.resource_id);
+                        ((key, c.reference.version.unwrap_or_default(), c.change_type), c.resource)
+                    })
+                    .collect();
+                let message_id = envelope.message_id.expect("a messageId");
+                sink.lock().unwrap().push(Received { message_type, message_id, changes });
+            }
+        });
+        EventSink { received, _connection: connection }
+    }
+
+    fn messages(&self, message_type: MessageType) -> Vec<Received> {
+        self.received.lock().unwrap().iter().filter(|m| m.message_type == message_type).cloned().collect()
+    }
+
+    /// The changes of all messages of a type, in arrival order.
+    fn changes(&self, message_type: MessageType) -> Vec<(ChangeKey, Option<String>)> {
+        self.messages(message_type).into_iter().flat_map(|m| m.changes).collect()
+    }
+
+    /// Waits until both event types carried every change of `log` (at most `limit`).
+    async fn wait_for(&self, log: &[PendingChange], limit: Duration) {
+        let want: HashSet<ChangeKey> = log.iter().map(key_of).collect();
+        let started = Instant::now();
+        while started.elapsed() < limit {
+            let full: HashSet<ChangeKey> =
+                self.changes(MessageType::ResourcesChangedEvent).into_iter().map(|c| c.0).collect();
+            let light: HashSet<ChangeKey> =
+                self.changes(MessageType::ResourcesChangedLightEvent).into_iter().map(|c| c.0).collect();
+            if want.is_subset(&full) && want.is_subset(&light) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+fn sorted(mut keys: Vec<ChangeKey>) -> Vec<ChangeKey> {
+    keys.sort_by(|a, b| (&a.0, &a.1, a.2.as_str()).cmp(&(&b.0, &b.1, b.2.as_str())));
+    keys
+}
+
+fn key_of(c: &PendingChange) -> ChangeKey {
+    (c.key.to_string(), c.version_id.clone(), c.change_type)
+}
+
+fn event_settings(batch: u32, polling_seconds: u64) -> ResourceChangeNotificationSettings {
+    ResourceChangeNotificationSettings {
+        send_full_events: true,
+        send_light_events: true,
+        max_publish_batch_size: batch,
+        polling_interval_seconds: polling_seconds,
+        ..ResourceChangeNotificationSettings::default()
+    }
+}
+
+fn patient(id: &str, version: &str, family: &str) -> String {
+    json!({"resourceType": "Patient", "id": id, "meta": {"versionId": version, "lastUpdated": "2024-01-01T00:00:00Z"},
+           "name": [{"family": family}]})
+    .to_string()
+}
+
+/// Applies one plan given as instruction objects; true when it was applied.
+async fn apply(store: &dyn Store, instructions: Vec<serde_json::Value>) -> bool {
+    let text = json!({ "instructions": instructions }).to_string();
+    let raw = fhir_pubsub::json::parse_lenient(&text).unwrap();
+    let StorePlanMessage::Instructions(list) = read::store_plan(&raw).unwrap() else { panic!("inline plan") };
+    let job = StoreJob { message_id: Some(Uuid::new_v4()), plan: validate_store_plan(list, &PlanLimits::default()) };
+    execute_store_plans(store, &[job]).await.expect("store reachable").remove(0).response.errors.is_empty()
+}
+
+/// `count` upserts of new resources `<tag>-<n>`, in plans of three.
+async fn write_new(store: &dyn Store, tag: &str, from: usize, count: usize) {
+    for chunk in (from..from + count).collect::<Vec<_>>().chunks(3) {
+        let instructions = chunk
+            .iter()
+            .map(|n| json!({"itemId": n.to_string(), "operation": "upsert", "resource": patient(&format!("{tag}-{n}"), "1", "N")}))
+            .collect();
+        assert!(apply(store, instructions).await);
+    }
+}
+
+/// 8 writers on 12 shared resources for 3 s: creates, updates, deletes, version conflicts and plans
+/// designed to fail. Returns the versions written by plans that failed.
+async fn concurrent_writers(store: Arc<dyn Store>, waker: Arc<Notify>, tag: &str) -> HashSet<String> {
+    let mut writers = Vec::new();
+    for w in 0..8u64 {
+        let (store, waker, tag) = (store.clone(), waker.clone(), tag.to_owned());
+        writers.push(tokio::spawn(async move {
+            let mut failed = HashSet::new();
+            let mut rng = (w + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            let mut next = move |m: u64| {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                rng % m
+            };
+            let started = Instant::now();
+            let mut n = 0;
+            while started.elapsed() < Duration::from_secs(3) {
+                n += 1;
+                let mut ids: Vec<u64> = (0..1 + next(3)).map(|_| next(12)).collect();
+                ids.sort_unstable();
+                ids.dedup();
+                let mut instructions = Vec::new();
+                let mut versions = Vec::new();
+                for i in ids {
+                    let id = format!("{tag}-{i}");
+                    let version = format!("w{w}-{n}-{i}");
+                    let current = store
+                        .read(&[fhir_pubsub::store::Lookup {
+                            key: fhir_pubsub::store::ResourceKey::new("Patient", &id),
+                            version_id: None,
+                        }])
+                        .await
+                        .unwrap()
+                        .remove(0);
+                    let current = match current {
+                        fhir_pubsub::store::Found::Resource(body) => Some(
+                            serde_json::from_str::<serde_json::Value>(&body).unwrap()["meta"]["versionId"]
+                                .as_str()
+                                .unwrap()
+                                .to_owned(),
+                        ),
+                        _ => None,
+                    };
+                    match current {
+                        Some(cur) if next(4) == 0 => instructions.push(json!({"itemId": id, "operation": "delete",
+                            "resourceType": "Patient", "resourceId": id, "currentVersion": cur})),
+                        cur => {
+                            versions.push(version.clone());
+                            instructions.push(json!({"itemId": id, "operation": "upsert", "currentVersion": cur,
+                                "resource": patient(&id, &version, "U")}))
+                        }
+                    }
+                }
+                if next(10) == 0 {
+                    instructions.push(json!({"itemId": "doomed", "operation": "update",
+                        "resource": patient(&format!("{tag}-never-there"), "1", "X")}));
+                }
+                if apply(store.as_ref(), instructions).await {
+                    waker.notify_one();
+                } else {
+                    failed.extend(versions);
+                }
+            }
+            failed
+        }));
+    }
+    let mut failed = HashSet::new();
+    for w in writers {
+        failed.extend(w.await.unwrap());
+    }
+    failed
+}
+
+async fn rabbitmq_transport() -> Arc<dyn Transport> {
+    let options = RabbitMqOptions {
+        host: "127.0.0.1".into(),
+        queue_name: format!("fhir-pubsub-test-{}", Uuid::new_v4().simple()),
+        ..RabbitMqOptions::default()
+    };
+    Arc::new(RabbitMqTransport::connect(options).await.expect("RabbitMQ"))
+}
+
+/// Concurrent writers with conflicts and rolled-back plans: the events carry exactly the committed
+/// changes, per resource in version order, never more than MaxPublishBatchSize per message.
+async fn events_equal_the_committed_changes(store: &common::TestStore) {
+    let tag = format!("t{}", Uuid::new_v4().simple());
+    let sink = EventSink::start(&tag).await;
+    let transport = rabbitmq_transport().await;
+    let publisher = Arc::new(Publisher::new(store.store.clone(), transport.clone(), event_settings(5, 5)));
+    let (stop, stopped) = watch::channel(false);
+    let publishing = tokio::spawn(publisher.clone().run(stopped));
+
+    let failed = concurrent_writers(store.store.clone(), publisher.waker(), &tag).await;
+    let log = store.version_log().await.unwrap();
+    assert!(log.len() > 50, "the writers committed too little to prove anything: {}", log.len());
+    assert!(!failed.is_empty(), "the test must roll plans back");
+    sink.wait_for(&log, Duration::from_secs(30)).await;
+    let _ = stop.send(true);
+    publishing.await.unwrap();
+
+    for message_type in [MessageType::ResourcesChangedEvent, MessageType::ResourcesChangedLightEvent] {
+        let messages = sink.messages(message_type);
+        assert!(messages.iter().all(|m| !m.changes.is_empty() && m.changes.len() <= 5), "a batch above 5 changes");
+        let ids: HashSet<Uuid> = messages.iter().map(|m| m.message_id).collect();
+        assert_eq!(ids.len(), messages.len(), "messageIds are unique without a crash");
+        let changes = sink.changes(message_type);
+        let keys: Vec<ChangeKey> = changes.iter().map(|c| c.0.clone()).collect();
+        // Each committed change exactly once, nothing else.
+        let expected = sorted(log.iter().map(key_of).collect());
+        assert_eq!(sorted(keys.clone()), expected, "{message_type:?}: the events differ from the committed changes");
+        assert!(keys.iter().all(|k| k.2 == ChangeType::Delete || !failed.contains(&k.1)), "a rolled-back change");
+        // Per resource, the order of the log (commit order).
+        let mut per_resource: HashMap<&str, Vec<&ChangeKey>> = HashMap::new();
+        for k in &keys {
+            per_resource.entry(k.0.as_str()).or_default().push(k);
+        }
+        let log_keys: Vec<ChangeKey> = log.iter().map(key_of).collect();
+        for (resource, seen) in per_resource {
+            let logged: Vec<&ChangeKey> = log_keys.iter().filter(|k| k.0 == resource).collect();
+            assert_eq!(seen, logged, "{message_type:?}: {resource} out of order");
+        }
+        if message_type == MessageType::ResourcesChangedEvent {
+            let bodies: HashMap<ChangeKey, Option<String>> = log.iter().map(|c| (key_of(c), c.body.clone())).collect();
+            for (key, resource) in &changes {
+                assert_eq!(
+                    resource, &bodies[key],
+                    "{key:?}: the full event must carry the stored body (null for a delete)"
+                );
+            }
+        } else {
+            assert!(changes.iter().all(|c| c.1.is_none()), "light events carry no resource");
+        }
+    }
+    assert_eq!(store.outbox_state().await.unwrap().pending, 0, "the outbox is empty once everything is confirmed");
+    transport.close().await;
+}
+both_stores!(committed_changes, events_equal_the_committed_changes);
+
+/// A bridge process on a store, its stderr collected.
+struct BridgeProcess {
+    child: Child,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl BridgeProcess {
+    fn start(store_url: &str, queue: &str, pause: Option<&str>) -> BridgeProcess {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_fhir-pubsub"));
+        command
+            .arg("run")
+            .env("RUST_LOG", "info")
+            .env("FHIRPUBSUB_Store__Url", store_url)
+            .env("FHIRPUBSUB_PubSub__MessageBroker__ApplicationQueueName", queue)
+            .env("FHIRPUBSUB_PubSub__ResourceChangeNotifications__SendFullEvents", "true")
+            .env("FHIRPUBSUB_PubSub__ResourceChangeNotifications__SendLightEvents", "true")
+            .env("FHIRPUBSUB_PubSub__ResourceChangeNotifications__MaxPublishBatchSize", "3")
+            .env("FHIRPUBSUB_PubSub__ResourceChangeNotifications__PollingIntervalSeconds", "1")
+            .env_remove(fhir_pubsub::publisher::FAULT_PAUSE_ENV)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if let Some(point) = pause {
+            command.env(fhir_pubsub::publisher::FAULT_PAUSE_ENV, point);
+        }
+        let mut child = command.spawn().expect("start fhir-pubsub run");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (stderr, lines) = (child.stderr.take().unwrap(), log.clone());
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                lines.lock().unwrap().push(line);
+            }
+        });
+        BridgeProcess { child, log }
+    }
+
+    fn logged(&self, text: &str) -> bool {
+        self.log.lock().unwrap().iter().any(|l| l.contains(text))
+    }
+
+    async fn wait_logged(&self, text: &str, limit: Duration) -> bool {
+        let started = Instant::now();
+        while started.elapsed() < limit {
+            if self.logged(text) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill(); // SIGKILL
+        let _ = self.child.wait();
+    }
+
+    fn terminate(&mut self) -> Option<i32> {
+        // SIGTERM asks for a graceful stop.
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        self.child.wait().ok().and_then(|s| s.code())
+    }
+}
+
+impl Drop for BridgeProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+const LEADING: &str = "this process publishes the change events";
+const PAUSED: &str = "publisher paused for fault injection";
+
+/// The publisher killed with SIGKILL before publishing, between the messages of a claim, and after
+/// publishing but before the outbox moved: after a restart no change is missing, and a change that
+/// came twice came in the same message (same messageId, same content).
+async fn sigkill_loses_nothing(store: &common::TestStore) {
+    let tag = format!("k{}", Uuid::new_v4().simple());
+    let queue = format!("fhir-pubsub-test-{}", Uuid::new_v4().simple());
+    let sink = EventSink::start(&tag).await;
+    let mut written = 0;
+    for point in ["before-publish", "mid-batch", "after-publish"] {
+        write_new(store.store.as_ref(), &tag, written, 12).await;
+        written += 12;
+        let mut bridge = BridgeProcess::start(&store.url, &queue, Some(point));
+        assert!(bridge.wait_logged(PAUSED, Duration::from_secs(30)).await, "{point}: never paused: {:?}", bridge.log);
+        bridge.kill();
+    }
+    let mut bridge = BridgeProcess::start(&store.url, &queue, None);
+    let log = store.version_log().await.unwrap();
+    assert_eq!(log.len(), written);
+    sink.wait_for(&log, Duration::from_secs(30)).await;
+    assert_eq!(bridge.terminate(), Some(0), "SIGTERM stops the bridge cleanly");
+
+    for message_type in [MessageType::ResourcesChangedEvent, MessageType::ResourcesChangedLightEvent] {
+        let messages = sink.messages(message_type);
+        let got: HashSet<ChangeKey> = messages.iter().flat_map(|m| m.changes.iter().map(|c| c.0.clone())).collect();
+        let want: HashSet<ChangeKey> = log.iter().map(key_of).collect();
+        assert_eq!(got, want, "{message_type:?}: a change is missing after the crashes");
+        // Same messageId, same content; a change seen twice was in one and the same message.
+        let mut by_id: HashMap<Uuid, Vec<ChangeKey>> = HashMap::new();
+        let mut carriers: HashMap<ChangeKey, HashSet<Uuid>> = HashMap::new();
+        for m in &messages {
+            let content: Vec<ChangeKey> = m.changes.iter().map(|c| c.0.clone()).collect();
+            if let Some(earlier) = by_id.insert(m.message_id, content.clone()) {
+                assert_eq!(earlier, content, "a repeated messageId with other content");
+            }
+            for c in content {
+                carriers.entry(c).or_default().insert(m.message_id);
+            }
+        }
+        assert!(
+            carriers.values().all(|ids| ids.len() == 1),
+            "{message_type:?}: a change came in two different messages"
+        );
+        let repeats = messages.len() - by_id.len();
+        assert!(
+            repeats > 0,
+            "{message_type:?}: killing after publishing must cause repeats (the test proves nothing otherwise)"
+        );
+    }
+}
+both_stores!(sigkill, sigkill_loses_nothing);
+
+/// A row written by plain SQL (psql, sqlite3), not through the bridge, produces its events.
+async fn foreign_sql_writes_are_published(store: &common::TestStore) {
+    let tag = format!("f{}", Uuid::new_v4().simple());
+    let sink = EventSink::start(&tag).await;
+    let transport = rabbitmq_transport().await;
+    let publisher = Arc::new(Publisher::new(store.store.clone(), transport.clone(), event_settings(100, 1)));
+    let (stop, stopped) = watch::channel(false);
+    let publishing = tokio::spawn(publisher.clone().run(stopped));
+    let body = patient(&tag, "v1", "Foreign").replace('\'', "''");
+    let sql = format!(
+        "INSERT INTO resources (resource_type, resource_id, version_id, last_updated, body) \
+         VALUES ('Patient', '{tag}', 'v1', '2024-01-01T00:00:00Z', '{body}'); \
+         UPDATE resources SET version_id = 'v2', body = replace(body, '\"v1\"', '\"v2\"') WHERE resource_id = '{tag}'; \
+         DELETE FROM resources WHERE resource_id = '{tag}';"
+    );
+    let status = if let Some(path) = store.url.strip_prefix("sqlite://") {
+        Command::new("sqlite3").arg("-cmd").arg(".timeout 10000").arg(path).arg(&sql).status()
+    } else {
+        Command::new("psql").arg(&store.url).arg("-v").arg("ON_ERROR_STOP=1").arg("-qc").arg(&sql).status()
+    }
+    .expect("run the SQL shell");
+    assert!(status.success());
+    let log = store.version_log().await.unwrap();
+    assert_eq!(log.len(), 3, "insert, update and delete each recorded");
+    // No wake-up from the bridge here: only the poll (and PostgreSQL's NOTIFY) can find these.
+    sink.wait_for(&log, Duration::from_secs(20)).await;
+    let got: Vec<ChangeKey> = sink.changes(MessageType::ResourcesChangedEvent).into_iter().map(|c| c.0).collect();
+    let key = format!("Patient/{tag}");
+    assert_eq!(
+        got,
+        vec![
+            (key.clone(), "v1".to_owned(), ChangeType::Create),
+            (key.clone(), "v2".to_owned(), ChangeType::Update),
+            (key, "v2".to_owned(), ChangeType::Delete),
+        ]
+    );
+    let _ = stop.send(true);
+    publishing.await.unwrap();
+    transport.close().await;
+}
+both_stores!(foreign_sql, foreign_sql_writes_are_published);
+
+/// Two bridge processes on one store: one publishes, each change goes out once; killing it hands over.
+async fn two_processes_one_publisher(store: &common::TestStore) {
+    let tag = format!("l{}", Uuid::new_v4().simple());
+    let queue = format!("fhir-pubsub-test-{}", Uuid::new_v4().simple());
+    let sink = EventSink::start(&tag).await;
+    let mut first = BridgeProcess::start(&store.url, &queue, None);
+    assert!(first.wait_logged(LEADING, Duration::from_secs(30)).await, "the first process never leads");
+    let mut second = BridgeProcess::start(&store.url, &queue, None);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!second.logged(LEADING), "two publishers at once");
+
+    write_new(store.store.as_ref(), &tag, 0, 30).await;
+    let log = store.version_log().await.unwrap();
+    sink.wait_for(&log, Duration::from_secs(30)).await;
+    let once = sorted(sink.changes(MessageType::ResourcesChangedEvent).into_iter().map(|c| c.0).collect());
+    assert_eq!(once, sorted(log.iter().map(key_of).collect()), "each change published once, by one process");
+
+    first.kill();
+    assert!(second.wait_logged(LEADING, Duration::from_secs(30)).await, "the second process never took over");
+    write_new(store.store.as_ref(), &tag, 30, 30).await;
+    let log = store.version_log().await.unwrap();
+    sink.wait_for(&log, Duration::from_secs(30)).await;
+    let got: HashSet<ChangeKey> = sink.changes(MessageType::ResourcesChangedEvent).into_iter().map(|c| c.0).collect();
+    assert_eq!(got, log.iter().map(key_of).collect::<HashSet<_>>(), "after the handover every change is published");
+    assert_eq!(second.terminate(), Some(0));
+}
+both_stores!(two_processes, two_processes_one_publisher);
