@@ -26,8 +26,12 @@ use crate::contracts::MessageType;
 use crate::store::{ChangeBatch, PendingChange, PublisherLease, Store, StoreError};
 use crate::transport::{Transport, TransportError};
 
-/// Batches claimed at once: more amortise the outbox read, fewer keep repeats after a crash small.
+/// Batches claimed at once, at least: more amortise the outbox read, fewer keep repeats after a crash small.
 const BATCHES_PER_CLAIM: usize = 16;
+/// Changes claimed at once, at most, when batches are small (a backlog drains in few outbox reads).
+const CHANGES_PER_CLAIM: usize = 50_000;
+/// Batches claimed at once, at most (each is a row written before publishing).
+const MAX_BATCHES_PER_CLAIM: usize = 256;
 /// How often a process that does not lead tries to take over.
 const LEAD_RETRY: Duration = Duration::from_secs(1);
 /// How often the outbox's size and age are read for the lag figures.
@@ -179,7 +183,7 @@ impl Publisher {
                 Ok(Some(lease)) => lease,
                 Ok(None) => {
                     tracing::debug!("another process publishes the change events");
-                    wait(&mut shutdown, &self.waker, LEAD_RETRY, false).await;
+                    self.follow(&mut shutdown).await;
                     continue;
                 }
                 Err(e) => {
@@ -197,6 +201,26 @@ impl Publisher {
                 LeadEnd::Lost(why) => {
                     tracing::warn!(reason = %why, "no longer the publisher of change events; trying to take over again")
                 }
+            }
+        }
+    }
+
+    /// While another process leads: passes this process's commits on to it (the bridge's own commits
+    /// do not NOTIFY), until it is time to try to lead again.
+    async fn follow(&self, shutdown: &mut watch::Receiver<bool>) {
+        let retry_at = tokio::time::Instant::now() + LEAD_RETRY;
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep_until(retry_at) => return,
+                _ = self.waker.notified() => {
+                    if let Err(e) = self.store.announce_changes().await {
+                        tracing::debug!(error = %e, "cannot announce changes to the leading publisher");
+                    }
+                }
+                Ok(()) = shutdown.changed() => {}
             }
         }
     }
@@ -244,7 +268,8 @@ impl Publisher {
     /// the number of changes completed.
     async fn publish_once(&self) -> Result<usize, PublishError> {
         let batch_size = self.settings.max_publish_batch_size.max(1) as usize;
-        let batches = self.store.claim_batches(batch_size, BATCHES_PER_CLAIM).await?;
+        let per_claim = (CHANGES_PER_CLAIM / batch_size).clamp(BATCHES_PER_CLAIM, MAX_BATCHES_PER_CLAIM);
+        let batches = self.store.claim_batches(batch_size, per_claim).await?;
         if !batches.is_empty() {
             self.maybe_pause(PausePoint::BeforePublish).await;
         }

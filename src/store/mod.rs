@@ -268,6 +268,9 @@ pub trait Store: Send + Sync {
     /// Wakes `waker` whenever another writer commits changes, if the database can say so (PostgreSQL
     /// `LISTEN`); stores that cannot rely on the publisher's polling. Runs until the store is closed.
     fn watch_changes(&self, waker: Arc<tokio::sync::Notify>);
+    /// Tells the publisher of another process that this one committed changes (PostgreSQL `NOTIFY`;
+    /// nothing on SQLite, where the leader's polling finds them).
+    async fn announce_changes(&self) -> Result<(), StoreError>;
     /// Every version ever recorded, in `seq` order (tests and tools; not for large stores).
     async fn version_log(&self) -> Result<Vec<PendingChange>, StoreError>;
     /// Checks that the database answers.

@@ -29,6 +29,9 @@ pub struct SqliteStore {
     pool: SqlitePool,
     /// Serialises this process's writers (SQLite allows one at a time anyway).
     write_lock: Arc<Mutex<()>>,
+    /// Bridge writers pass this gate before queueing on `write_lock`, so at most one of them waits
+    /// there: the publisher, which takes `write_lock` directly, never waits behind a long queue.
+    writer_gate: Arc<Mutex<()>>,
 }
 
 impl SqliteStore {
@@ -61,7 +64,7 @@ impl SqliteStore {
             .await
             .map_err(classify)?;
         MIGRATOR.run(&pool).await.map_err(|e| StoreError::Migration(e.to_string()))?;
-        Ok(SqliteStore { pool, write_lock: Arc::new(Mutex::new(())) })
+        Ok(SqliteStore { pool, write_lock: Arc::default(), writer_gate: Arc::default() })
     }
 
     /// The connection pool (tests).
@@ -172,7 +175,9 @@ impl Store for SqliteStore {
     }
 
     async fn begin(&self) -> Result<Box<dyn StoreTx>, StoreError> {
+        let gate = self.writer_gate.lock().await;
         let guard = self.write_lock.clone().lock_owned().await;
+        drop(gate);
         let tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(classify)?;
         Ok(Box::new(SqliteTx { tx, _guard: guard }))
     }
@@ -311,6 +316,10 @@ impl Store for SqliteStore {
     async fn try_lead(&self, holder: &str) -> Result<Option<Box<dyn PublisherLease>>, StoreError> {
         let mut lease = SqliteLease { store: self.clone(), holder: holder.to_owned(), renewed: None };
         Ok(if lease.renew().await? { Some(Box::new(lease)) } else { None })
+    }
+
+    async fn announce_changes(&self) -> Result<(), StoreError> {
+        Ok(())
     }
 
     fn watch_changes(&self, _waker: Arc<Notify>) {
