@@ -32,7 +32,7 @@ use crate::config::{BrokerType, Settings};
 use crate::contracts::read::{retrieve_response, store_response};
 use crate::contracts::{
     ExecuteStorePlanCommand, MessageType, Operation, RetrieveInstruction, RetrievePlanCommand, StatusCode,
-    StoreInstruction,
+    StatusDetails, StoreInstruction,
 };
 use crate::envelope::{Envelope, decode, ids};
 use crate::transport::rabbitmq::RabbitMqOptions;
@@ -237,7 +237,12 @@ pub async fn retrieve(
             Some(item) => {
                 let details =
                     item.status.details.map(|d| d.to_string()).unwrap_or_else(|| item.status.code.to_string());
-                match item.message.as_deref().filter(|m| !m.trim().is_empty()) {
+                // Not-found messages only repeat the reference.
+                let not_found = matches!(
+                    item.status.details,
+                    Some(StatusDetails::ResourceNotFound | StatusDetails::MatchingVersionNotFound)
+                );
+                match item.message.as_deref().filter(|m| !m.trim().is_empty() && !not_found) {
                     Some(message) => format!("{details}: {message}"),
                     None => details,
                 }
