@@ -289,8 +289,9 @@ async fn check_config(config: Option<PathBuf>) -> anyhow::Result<bool> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let is_client = matches!(cli.command, Command::Store { .. } | Command::Retrieve { .. } | Command::Listen { .. });
-    // The client's stderr is for its own sentences: only warnings and errors are logged there.
-    init_logging(cli.log_format, if is_client { "warn" } else { "info" });
+    // The client's stderr is for its own sentences: only warnings are logged there, and none of
+    // lapin's, whose failures the client reports itself.
+    init_logging(cli.log_format, if is_client { "warn,lapin=off" } else { "info" });
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

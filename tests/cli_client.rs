@@ -76,6 +76,22 @@ impl BridgeProcess {
     }
 }
 
+impl BridgeProcess {
+    /// Stops the bridge and deletes the queues and exchanges it declared under its own name.
+    async fn remove(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let connection = Connection::connect(AMQP, ConnectionProperties::default()).await.expect("RabbitMQ");
+        let channel = connection.create_channel().await.unwrap();
+        for suffix in ["", "_error", "_skipped"] {
+            let name = format!("{}{suffix}", self.queue);
+            let _ = channel.queue_delete(name.as_str().into(), QueueDeleteOptions::default()).await;
+            let _ = channel.exchange_delete(name.as_str().into(), ExchangeDeleteOptions::default()).await;
+        }
+        let _ = connection.close(200, "done".into()).await;
+    }
+}
+
 impl Drop for BridgeProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -209,6 +225,7 @@ async fn store_and_retrieve_through_a_bridge() {
         assert!(started.elapsed() < PATIENCE, "the --no-wait command was never applied: {}", found.stderr);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    bridge.remove().await;
 }
 
 /// A queue bound to an exchange named like an ApplicationQueueName, standing in for a bridge that
@@ -307,7 +324,7 @@ async fn no_response_in_time_exits_3() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn other_brokers_are_refused_clearly() {
+async fn wrong_settings_are_said_clearly_without_secrets() {
     let output = tokio::process::Command::new(BIN)
         .args(["retrieve", "Patient/p1"])
         .env("FHIRPUBSUB_PubSub__MessageBroker__BrokerType", "Kafka")
@@ -317,6 +334,19 @@ async fn other_brokers_are_refused_clearly() {
     assert_eq!(output.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("BrokerType") && stderr.contains("RabbitMq"), "{stderr}");
+
+    let password = unique("not-the-password");
+    let output = tokio::process::Command::new(BIN)
+        .args(["retrieve", "Patient/p1"])
+        .env("FHIRPUBSUB_PubSub__MessageBroker__Password", &password)
+        .env_remove("RUST_LOG")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(output.status.code(), Some(3), "a refused login is a broker error");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("refused") && !stderr.contains(&password), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "one sentence: {stderr}");
 }
 
 /// A running `listen`, its stdout lines delivered as they come; killed on drop.

@@ -22,9 +22,9 @@ use uuid::Uuid;
 
 use super::{ClientError, Exit};
 use crate::envelope::{ENVELOPE_CONTENT_TYPE, Envelope, RabbitMqAddress, decode, encode, ids, transport_headers};
-use crate::transport::OutgoingMessage;
 use crate::transport::rabbitmq::client_connection::{self, reply_code};
 use crate::transport::rabbitmq::{PLAIN_PORT, RabbitMqOptions, TLS_PORT};
+use crate::transport::{OutgoingMessage, TransportError};
 
 /// How long the broker may take to confirm a publish.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
@@ -48,12 +48,14 @@ impl Broker {
     /// Connects with the bridge's own connection settings.
     pub async fn connect(options: RabbitMqOptions, purpose: &str) -> Result<Broker, ClientError> {
         let connection = client_connection::connect(&options, purpose).await.map_err(|e| {
+            let why = match e {
+                TransportError::Refused(why) | TransportError::Unavailable(why) => why,
+                other => other.to_string(),
+            };
+            let (host, port, vhost) = (&options.host, options.port, &options.vhost);
             ClientError::new(
                 Exit::Unavailable,
-                format!(
-                    "cannot connect to RabbitMQ at {}:{} (vhost {}): {e}",
-                    options.host, options.port, options.vhost
-                ),
+                format!("cannot connect to RabbitMQ at {host}:{port} (vhost {vhost}): {why}"),
             )
         })?;
         Ok(Broker { connection, options })
