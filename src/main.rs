@@ -89,6 +89,7 @@ enum Command {
         /// Exit after this many events.
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
         count: Option<u64>,
+        /// Settings file (.json or .toml), as for `run`; FHIRPUBSUB_* variables apply too.
         #[arg(long, short)]
         config: Option<PathBuf>,
     },

@@ -81,8 +81,6 @@ impl ClientError {
 
 /// The value of the `fhir-release` header when none is given.
 pub const DEFAULT_FHIR_RELEASE: &str = "R4";
-/// How long a request waits for its response when no `--timeout` is given.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What `store` does.
 #[derive(Debug, Clone)]
