@@ -94,20 +94,7 @@ impl Broker {
 
     /// `rabbitmq://HOST[:PORT]/[VHOST/]NAME`, with `?temporary=true` for a temporary endpoint.
     pub fn address_of(&self, name: &str, temporary: bool) -> String {
-        let tls = self.options.use_tls();
-        let mut address = RabbitMqAddress::exchange(name);
-        address.scheme = if tls { "rabbitmqs" } else { "rabbitmq" }.to_owned();
-        address.host = Some(self.options.host.clone());
-        let default_port = if tls { TLS_PORT } else { PLAIN_PORT };
-        address.port = Some(self.options.port).filter(|p| *p != default_port);
-        let vhost = self.options.vhost.trim_matches('/');
-        address.vhost = (!vhost.is_empty()).then(|| vhost.to_owned());
-        if temporary {
-            address.durable = false;
-            address.auto_delete = true;
-            address.temporary = true;
-        }
-        address.to_string()
+        endpoint_address(&self.options, name, temporary)
     }
 
     /// Publishes `envelope` to the command exchange and waits for the broker's confirm. `ttl`
@@ -235,10 +222,47 @@ impl ResponseEndpoint {
     }
 }
 
+/// The MassTransit address of exchange `name` on the broker of `options`.
+fn endpoint_address(options: &RabbitMqOptions, name: &str, temporary: bool) -> String {
+    let tls = options.use_tls();
+    let mut address = RabbitMqAddress::exchange(name);
+    address.scheme = if tls { "rabbitmqs" } else { "rabbitmq" }.to_owned();
+    address.host = Some(options.host.clone());
+    let default_port = if tls { TLS_PORT } else { PLAIN_PORT };
+    address.port = Some(options.port).filter(|p| *p != default_port);
+    let vhost = options.vhost.trim_matches('/');
+    address.vhost = (!vhost.is_empty()).then(|| vhost.to_owned());
+    if temporary {
+        address.durable = false;
+        address.auto_delete = true;
+        address.temporary = true;
+    }
+    address.to_string()
+}
+
 fn short(text: &str) -> ShortString {
     ShortString::from(text)
 }
 
 fn broker_error(doing: &str, error: &lapin::Error) -> ClientError {
     ClientError::new(Exit::Unavailable, format!("RabbitMQ failed while {doing}: {error}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_addresses_read_back_as_the_same_endpoint() {
+        let options = RabbitMqOptions { host: "mq".into(), ..RabbitMqOptions::default() };
+        assert_eq!(endpoint_address(&options, "bus_1", true), "rabbitmq://mq/bus_1?temporary=true");
+        assert_eq!(endpoint_address(&options, "FirelyServer", false), "rabbitmq://mq/FirelyServer");
+        let options = RabbitMqOptions { host: "mq".into(), port: 5673, vhost: "prod/a".into(), ..Default::default() };
+        let text = endpoint_address(&options, "bus_2", true);
+        assert_eq!(text, "rabbitmq://mq:5673/prod%2Fa/bus_2?temporary=true");
+        let read = RabbitMqAddress::parse(&text).unwrap();
+        assert_eq!((read.name.as_str(), read.vhost.as_deref(), read.temporary), ("bus_2", Some("prod/a"), true));
+        let options = RabbitMqOptions { host: "mq".into(), port: 5671, ..Default::default() };
+        assert_eq!(endpoint_address(&options, "b", true), "rabbitmqs://mq/b?temporary=true");
+    }
 }
