@@ -62,13 +62,7 @@ async fn consume(message_type: MessageType, tag: &str) -> (Arrivals, Connection)
         .await
         .unwrap();
     channel
-        .queue_bind(
-            queue.name().clone(),
-            exchange.as_str().into(),
-            "".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
+        .queue_bind(queue.name().clone(), exchange.as_str().into(), "".into(), QueueBindOptions::default(), FieldTable::default())
         .await
         .unwrap();
     let mut consumer = channel
@@ -85,9 +79,7 @@ async fn consume(message_type: MessageType, tag: &str) -> (Arrivals, Connection)
     tokio::spawn(async move {
         while let Some(Ok(delivery)) = consumer.next().await {
             let at = Utc::now();
-            let Ok(envelope) = fhir_pubsub::envelope::decode(&delivery.data, &TransportMeta::default()) else {
-                continue;
-            };
+            let Ok(envelope) = fhir_pubsub::envelope::decode(&delivery.data, &TransportMeta::default()) else { continue };
             let Some(message) = envelope.message.as_deref() else { continue };
             let Ok(changes) = read::changes(message) else { continue };
             let mut sink = sink.lock().unwrap();
@@ -169,20 +161,13 @@ async fn latency(store: Arc<dyn Store>, label: &str) {
         if n % (RATE / 100) == 0 {
             tick.tick().await;
         }
-        let instructions =
-            json!([{ "itemId": "1", "operation": "upsert", "resource": patient(&format!("{tag}-{n}")) }]);
+        let instructions = json!([{ "itemId": "1", "operation": "upsert", "resource": patient(&format!("{tag}-{n}")) }]);
         let envelope = json!({ "messageId": Uuid::new_v4(), "messageType": [MessageType::ExecuteStorePlanCommand.urn()],
                                "message": { "instructions": instructions } });
         let properties = BasicProperties::default().with_content_type("application/vnd.masstransit+json".into());
         let body = envelope.to_string();
         let confirm = channel
-            .basic_publish(
-                queue.as_str().into(),
-                "".into(),
-                BasicPublishOptions::default(),
-                body.as_bytes(),
-                properties,
-            )
+            .basic_publish(queue.as_str().into(), "".into(), BasicPublishOptions::default(), body.as_bytes(), properties)
             .await
             .unwrap();
         confirms.push(confirm);
@@ -282,9 +267,7 @@ where
     let store = store::open(&url).await.unwrap();
     body(store.clone()).await;
     store.close().await;
-    let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")))
-        .execute(&mut conn)
-        .await;
+    let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))).execute(&mut conn).await;
 }
 
 #[tokio::main(flavor = "multi_thread")]
