@@ -5,6 +5,8 @@
 //! reply goes back through the transport, and committed changes are published as events.
 
 pub mod bridge;
+#[cfg(feature = "rabbitmq")]
+pub mod client;
 pub mod config;
 pub mod contracts;
 pub mod envelope;

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use fhir_pubsub::bridge::{Bridge, BridgeOptions};
+use fhir_pubsub::client::{self, Exit, ListenOptions, RetrieveOptions, StoreOptions};
 use fhir_pubsub::config::{BrokerType, Settings, redact_url};
+use fhir_pubsub::contracts::Operation;
 use fhir_pubsub::plan::PlanLimits;
 use fhir_pubsub::publisher::{PausePoint, Publisher};
 use fhir_pubsub::transport::Transport;
@@ -50,10 +52,124 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Stores resources through the bridge (or any Firely-compatible server) with one
+    /// ExecuteStorePlanCommand, and prints the response. Exit status: 0 every instruction
+    /// succeeded, 1 the server reported a failure, 2 usage or input error, 3 timeout or broker error.
+    Store {
+        /// JSON files holding a FHIR resource, an array of resources or a Bundle, or NDJSON files
+        /// (one resource per line); `-` reads standard input.
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<String>,
+        /// What each instruction does.
+        #[arg(long, value_enum, default_value_t = StoreOperation::Upsert)]
+        operation: StoreOperation,
+        /// Send without waiting for a response; prints the command's messageId.
+        #[arg(long)]
+        no_wait: bool,
+        #[command(flatten)]
+        request: RequestArgs,
+    },
+    /// Retrieves resources by reference and prints them as a JSON array. Exit status 1 when a
+    /// reference was not found.
+    Retrieve {
+        /// `Type/id` (the current version) or `Type/id/_history/vid`.
+        #[arg(required = true, value_name = "REF")]
+        references: Vec<String>,
+        /// One resource per line instead of a JSON array.
+        #[arg(long)]
+        ndjson: bool,
+        #[command(flatten)]
+        request: RequestArgs,
+    },
+    /// Prints change events as they arrive, the `message` of each as one JSON line.
+    Listen {
+        /// Light events (references and change types only) instead of full ones.
+        #[arg(long)]
+        light: bool,
+        /// Exit after this many events.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+        count: Option<u64>,
+        /// Settings file (.json or .toml), as for `run`; FHIRPUBSUB_* variables apply too.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+/// Settings shared by the client's request commands.
+#[derive(clap::Args)]
+struct RequestArgs {
+    /// Settings file (.json or .toml), as for `run`; FHIRPUBSUB_* variables apply too.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// How long to wait for the response (e.g. 30s, 500ms, 2m).
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = fhir_pubsub::client::parse_duration)]
+    timeout: std::time::Duration,
+    /// The `fhir-release` header of the request.
+    #[arg(long, value_name = "RELEASE", default_value = fhir_pubsub::client::DEFAULT_FHIR_RELEASE)]
+    fhir_release: String,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum StoreOperation {
+    Create,
+    Update,
+    Upsert,
+    Delete,
+}
+
+impl From<StoreOperation> for Operation {
+    fn from(operation: StoreOperation) -> Self {
+        match operation {
+            StoreOperation::Create => Operation::Create,
+            StoreOperation::Update => Operation::Update,
+            StoreOperation::Upsert => Operation::Upsert,
+            StoreOperation::Delete => Operation::Delete,
+        }
+    }
+}
+
+/// Runs a client command; its errors become one sentence on stderr and the exit status.
+async fn client_command(command: Command) -> Exit {
+    let (mut out, mut diag) = (std::io::stdout(), std::io::stderr());
+    let result = async {
+        match command {
+            Command::Store { files, operation, no_wait, request } => {
+                let settings = client::load_settings(request.config.as_deref())?;
+                let options = StoreOptions {
+                    files,
+                    operation: operation.into(),
+                    wait: !no_wait,
+                    fhir_release: request.fhir_release,
+                    timeout: request.timeout,
+                };
+                client::store(&settings, &options, &mut out, &mut diag).await
+            }
+            Command::Retrieve { references, ndjson, request } => {
+                let settings = client::load_settings(request.config.as_deref())?;
+                let options = RetrieveOptions {
+                    references,
+                    ndjson,
+                    fhir_release: request.fhir_release,
+                    timeout: request.timeout,
+                };
+                client::retrieve(&settings, &options, &mut out, &mut diag).await
+            }
+            Command::Listen { light, count, config } => {
+                let settings = client::load_settings(config.as_deref())?;
+                client::listen(&settings, ListenOptions { light, count }, &mut out, &mut diag).await
+            }
+            Command::Run { .. } | Command::CheckConfig { .. } => Ok(Exit::Usage),
+        }
+    }
+    .await;
+    result.unwrap_or_else(|e| {
+        eprintln!("fhir-pubsub: {e}");
+        e.exit
+    })
+}
+
+fn init_logging(format: LogFormat, default_level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_level.into());
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr);
     match format {
@@ -173,7 +289,10 @@ async fn check_config(config: Option<PathBuf>) -> anyhow::Result<bool> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    let is_client = matches!(cli.command, Command::Store { .. } | Command::Retrieve { .. } | Command::Listen { .. });
+    // The client's stderr is for its own sentences: only warnings are logged there, and none of
+    // lapin's, whose failures the client reports itself.
+    init_logging(cli.log_format, if is_client { "warn,lapin=off" } else { "info" });
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -181,10 +300,14 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if is_client {
+        return ExitCode::from(runtime.block_on(client_command(cli.command)).code());
+    }
     let result = runtime.block_on(async {
         match cli.command {
             Command::Run { config } => run(config).await.map(|()| true),
             Command::CheckConfig { config } => check_config(config).await,
+            Command::Store { .. } | Command::Retrieve { .. } | Command::Listen { .. } => Ok(false),
         }
     });
     match result {

@@ -18,6 +18,7 @@
 //! per connection).
 
 mod acker;
+pub(crate) mod client_connection;
 mod convert;
 mod options;
 mod target;
