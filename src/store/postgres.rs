@@ -63,14 +63,14 @@ const CHANGES_CHANNEL: &str = "fhir_pubsub_changes";
 const PUBLISHER_LOCK_KEY: i64 = 0x6668_6972_7075_6273;
 
 /// Up to `limit` outbox rows in publishing order: each transaction's rows together, the groups ordered by
-/// their last `seq`. The window runs over the outbox only, which stays small while the publisher keeps up.
+/// their last `seq`. The window runs over the outbox alone (it carries the txid), which stays small while the
+/// publisher keeps up; only the rows returned are read from the version log.
 async fn pending_rows(conn: &mut PgConnection, limit: usize) -> Result<Vec<PendingChange>, StoreError> {
     let rows = sqlx::query(
         "SELECT v.seq, v.txid::text::bigint AS txid, v.resource_type, v.resource_id, v.version_id, \
                 v.change_type, v.body, v.recorded_at \
-         FROM (SELECT v.seq, max(v.seq) OVER (PARTITION BY v.txid) AS group_end \
-               FROM pending_changes p JOIN resource_versions v ON v.seq = p.seq \
-               ORDER BY group_end, v.seq LIMIT $1) o \
+         FROM (SELECT seq, max(seq) OVER (PARTITION BY txid) AS group_end FROM pending_changes \
+               ORDER BY group_end, seq LIMIT $1) o \
          JOIN resource_versions v ON v.seq = o.seq \
          ORDER BY o.group_end, o.seq",
     )
