@@ -1,0 +1,219 @@
+//! Test support for TLS: a throw-away PKI made with the `openssl` command line, and `socat` TLS
+//! terminators in front of the plain broker at 127.0.0.1:5672.
+//!
+//! Everything lives in a temporary folder removed on drop; every `socat` process is killed by its
+//! PID on drop, so a failing test leaves nothing behind.
+#![allow(dead_code)]
+
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The passphrase of the PKCS#12 client bundles; error messages must never show it.
+pub const P12_PASSPHRASE: &str = "p12-Secret-Passphrase-7f3a";
+
+/// A CA, certificates it signed, and an unrelated second CA.
+pub struct Pki {
+    dir: tempfile::TempDir,
+}
+
+impl Pki {
+    /// Generates every file (a few EC P-256 keys, so it takes well under a second).
+    pub fn generate() -> Pki {
+        let pki = Pki { dir: tempfile::tempdir().expect("temp dir") };
+        pki.self_signed_ca("ca", "fhir-pubsub test CA");
+        pki.self_signed_ca("other-ca", "unrelated test CA");
+        pki.signed("server", "localhost", "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth");
+        pki.signed("elsewhere", "elsewhere.test", "subjectAltName=DNS:elsewhere.test\nextendedKeyUsage=serverAuth");
+        pki.signed("client", "fhir-pubsub-client", "extendedKeyUsage=clientAuth");
+        // OpenSSL 3's defaults: PBES2 with AES-256-CBC and PBKDF2-SHA256, HMAC-SHA256 MAC.
+        pki.openssl(
+            &[
+                "pkcs12",
+                "-export",
+                "-in",
+                "client.pem",
+                "-inkey",
+                "client.key",
+                "-name",
+                "client",
+                "-out",
+                "client.p12",
+            ],
+            true,
+        );
+        // What older tools (and .NET before 5) write: 3DES for the key and the certificate, SHA-1 MAC.
+        pki.openssl(
+            &[
+                "pkcs12",
+                "-export",
+                "-in",
+                "client.pem",
+                "-inkey",
+                "client.key",
+                "-name",
+                "client",
+                "-certpbe",
+                "PBE-SHA1-3DES",
+                "-keypbe",
+                "PBE-SHA1-3DES",
+                "-macalg",
+                "sha1",
+                "-out",
+                "client-3des.p12",
+            ],
+            true,
+        );
+        pki
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// The path as the text a settings file carries.
+    pub fn setting(&self, name: &str) -> String {
+        self.path(name).display().to_string()
+    }
+
+    fn self_signed_ca(&self, name: &str, common_name: &str) {
+        self.openssl(
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                &format!("/CN={common_name}"),
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign",
+                "-keyout",
+                &format!("{name}.key"),
+                "-out",
+                &format!("{name}.pem"),
+            ],
+            false,
+        );
+    }
+
+    /// A leaf certificate `name.pem` (key `name.key`, PKCS#8 PEM) signed by `ca`.
+    fn signed(&self, name: &str, common_name: &str, extensions: &str) {
+        let ext_file = format!("{name}.ext");
+        std::fs::write(self.path(&ext_file), format!("basicConstraints=CA:FALSE\n{extensions}\n")).expect("ext file");
+        self.openssl(
+            &[
+                "req",
+                "-new",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-subj",
+                &format!("/CN={common_name}"),
+                "-keyout",
+                &format!("{name}.key"),
+                "-out",
+                &format!("{name}.csr"),
+            ],
+            false,
+        );
+        self.openssl(
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{name}.csr"),
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                &ext_file,
+                "-out",
+                &format!("{name}.pem"),
+            ],
+            false,
+        );
+    }
+
+    fn openssl(&self, args: &[&str], with_passphrase: bool) {
+        let mut command = Command::new("openssl");
+        command.args(args).current_dir(self.dir.path()).stdin(Stdio::null());
+        if with_passphrase {
+            // Through the environment, so the passphrase is not on a command line.
+            command.env("P12_PASSPHRASE", P12_PASSPHRASE).args(["-passout", "env:P12_PASSPHRASE"]);
+        }
+        let output = command.output().expect("run openssl (scripts/services installs it)");
+        assert!(output.status.success(), "openssl {args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
+    }
+}
+
+/// A `socat` process terminating TLS on 127.0.0.1 and forwarding the plain bytes to 127.0.0.1:5672.
+pub struct TlsTerminator {
+    child: Child,
+    pub port: u16,
+}
+
+impl TlsTerminator {
+    /// Serves `cert`/`key`; with `client_ca`, demands a client certificate signed by it.
+    pub fn start(cert: &Path, key: &Path, client_ca: Option<&Path>) -> TlsTerminator {
+        let port = free_port();
+        let mut listen = format!(
+            "OPENSSL-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,cert={},key={}",
+            cert.display(),
+            key.display()
+        );
+        match client_ca {
+            Some(ca) => listen.push_str(&format!(",verify=1,cafile={}", ca.display())),
+            None => listen.push_str(",verify=0"),
+        }
+        let child = Command::new("socat")
+            .args([listen.as_str(), "TCP:127.0.0.1:5672"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run socat (scripts/services installs it)");
+        let mut terminator = TlsTerminator { child, port };
+        terminator.wait_listening();
+        terminator
+    }
+
+    fn wait_listening(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("socat exited at start: {status}");
+            }
+            if TcpStream::connect((Ipv4Addr::LOCALHOST, self.port)).is_ok() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "socat did not listen on 127.0.0.1:{}", self.port);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for TlsTerminator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind a free port");
+    listener.local_addr().expect("local address").port()
+}
