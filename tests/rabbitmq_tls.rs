@@ -10,6 +10,7 @@
 mod tls_support;
 
 use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
 
 use fhir_pubsub::config::Settings;
@@ -87,14 +88,15 @@ async fn delete_endpoint(q: &str) {
     let _ = connection.close(200, "done".into()).await;
 }
 
-/// The connection error for these settings; nothing may have been declared.
-async fn connect_error(settings: &Settings) -> TransportError {
+/// The connection error for these settings; it must be a refusal (trying again cannot help).
+async fn refusal(settings: &Settings) -> String {
     match RabbitMqTransport::connect(options(settings)).await {
         Ok(transport) => {
             transport.close().await;
             panic!("connected, but the settings should have been refused");
         }
-        Err(e) => e,
+        Err(e @ TransportError::Refused(_)) => e.to_string(),
+        Err(e) => panic!("expected a refusal, got: {e}"),
     }
 }
 
@@ -104,23 +106,40 @@ fn assert_no_secret(pki: &Pki, text: &str) {
     for key in ["client.key", "server.key", "ca.key"] {
         let pem = std::fs::read_to_string(pki.path(key)).expect("key file");
         let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
-        assert!(!text.contains(&body[..20]), "{key} leaked: {text}");
+        assert!(!text.contains(&body[..24]), "{key} leaked: {text}");
     }
     assert!(!text.contains("PRIVATE KEY"), "key material in: {text}");
+}
+
+fn assert_mentions(text: &str, parts: &[&str]) {
+    for part in parts {
+        assert!(text.contains(part), "`{part}` missing from: {text}");
+    }
+}
+
+/// Server authentication only, as most brokers are set up.
+fn server_auth(pki: &Pki) -> TlsTerminator {
+    TlsTerminator::start(&pki.path("server.pem"), &pki.path("server.key"), None)
+}
+
+/// Mutual TLS: a client certificate signed by the test CA is required.
+fn mutual(pki: &Pki) -> TlsTerminator {
+    TlsTerminator::start(&pki.path("server.pem"), &pki.path("server.key"), Some(&pki.path("ca.pem")))
+}
+
+fn trusting(pki: &Pki, extra: Value) -> Value {
+    let mut section = json!({"UseSsl": true, "CaFile": pki.setting("ca.pem")});
+    section.as_object_mut().expect("object").extend(extra.as_object().expect("object").clone());
+    section
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ca_file_over_server_auth_round_trips() {
     let pki = Pki::generate();
-    let tls = TlsTerminator::start(&pki.path("server.pem"), &pki.path("server.key"), None);
+    let tls = server_auth(&pki);
+    // The server certificate carries both as subject alternative names.
     for host in ["localhost", "127.0.0.1"] {
-        let s = settings(
-            pki.path("").as_path(),
-            host,
-            tls.port,
-            &unique("tls-ca"),
-            json!({"UseSsl": true, "CaFile": pki.setting("ca.pem")}),
-        );
+        let s = settings(&pki.path(""), host, tls.port, &unique("tls-ca"), trusting(&pki, json!({})));
         assert_round_trip(&s).await;
     }
 }
@@ -128,118 +147,217 @@ async fn ca_file_over_server_auth_round_trips() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutual_tls_with_a_pem_identity_round_trips() {
     let pki = Pki::generate();
-    let tls = TlsTerminator::start(&pki.path("server.pem"), &pki.path("server.key"), Some(&pki.path("ca.pem")));
-    let s = settings(
-        pki.path("").as_path(),
-        "localhost",
-        tls.port,
-        &unique("tls-pem"),
-        json!({
-            "UseSsl": true, "CaFile": pki.setting("ca.pem"),
-            "ClientCertFile": pki.setting("client.pem"), "ClientKeyFile": pki.setting("client.key"),
-        }),
-    );
+    let tls = mutual(&pki);
+    let identity = json!({"ClientCertFile": pki.setting("client.pem"), "ClientKeyFile": pki.setting("client.key")});
+    let s = settings(&pki.path(""), "localhost", tls.port, &unique("tls-pem"), trusting(&pki, identity));
     assert_round_trip(&s).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutual_tls_with_a_pkcs12_identity_round_trips() {
     let pki = Pki::generate();
-    let tls = TlsTerminator::start(&pki.path("server.pem"), &pki.path("server.key"), Some(&pki.path("ca.pem")));
+    let tls = mutual(&pki);
     for bundle in ["client.p12", "client-3des.p12"] {
-        let s = settings(
-            pki.path("").as_path(),
-            "localhost",
-            tls.port,
-            &unique("tls-p12"),
-            json!({
-                "UseSsl": true, "CaFile": pki.setting("ca.pem"),
-                "ClientCertificatePath": pki.setting(bundle), "ClientCertificatePassphrase": P12_PASSPHRASE,
-            }),
-        );
+        let identity =
+            json!({"ClientCertificatePath": pki.setting(bundle), "ClientCertificatePassphrase": P12_PASSPHRASE});
+        let s = settings(&pki.path(""), "localhost", tls.port, &unique("tls-p12"), trusting(&pki, identity));
         assert_round_trip(&s).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_name_accepts_a_certificate_for_another_name() {
+    let pki = Pki::generate();
+    let tls = TlsTerminator::start(&pki.path("elsewhere.pem"), &pki.path("elsewhere.key"), None);
+    let without = settings(&pki.path(""), "localhost", tls.port, &unique("tls-name"), trusting(&pki, json!({})));
+    let text = refusal(&without).await;
+    assert_mentions(&text, &["does not carry the name", "ServerName", "\"localhost\"", "elsewhere.test"]);
+    assert_no_secret(&pki, &text);
+
+    let named = trusting(&pki, json!({"ServerName": "elsewhere.test"}));
+    let with = settings(&pki.path(""), "127.0.0.1", tls.port, &unique("tls-name"), named);
+    assert!(with.accepted_but_unused().is_empty(), "ServerName is honoured");
+    assert_round_trip(&with).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ca_that_did_not_sign_the_server_certificate_is_refused() {
     let pki = Pki::generate();
-    let tls = TlsTerminator::start(&pki.path("server.pem"), &pki.path("server.key"), None);
-    let s = settings(
-        pki.path("").as_path(),
-        "localhost",
-        tls.port,
-        &unique("tls-other-ca"),
-        json!({"UseSsl": true, "CaFile": pki.setting("other-ca.pem")}),
-    );
-    let text = connect_error(&s).await.to_string();
-    eprintln!("{text}");
+    let tls = server_auth(&pki);
+    let section = json!({"UseSsl": true, "CaFile": pki.setting("other-ca.pem")});
+    let s = settings(&pki.path(""), "localhost", tls.port, &unique("tls-other-ca"), section);
+    let text = refusal(&s).await;
+    assert_mentions(&text, &["not signed by a CA in CaFile", "UnknownIssuer", &format!("localhost:{}", tls.port)]);
     assert_no_secret(&pki, &text);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_ca_file_a_private_ca_is_not_trusted() {
+    let pki = Pki::generate();
+    let tls = server_auth(&pki);
+    let s = settings(&pki.path(""), "localhost", tls.port, &unique("tls-no-ca"), json!({"UseSsl": true}));
+    let text = refusal(&s).await;
+    assert_mentions(&text, &["not signed by a CA in CaFile or in the system's trust store"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutual_tls_without_a_client_certificate_is_refused() {
     let pki = Pki::generate();
-    let tls = TlsTerminator::start(&pki.path("server.pem"), &pki.path("server.key"), Some(&pki.path("ca.pem")));
-    let s = settings(
-        pki.path("").as_path(),
-        "localhost",
-        tls.port,
-        &unique("tls-no-cert"),
-        json!({"UseSsl": true, "CaFile": pki.setting("ca.pem")}),
-    );
-    let text = connect_error(&s).await.to_string();
-    eprintln!("{text}");
+    let tls = mutual(&pki);
+    let s = settings(&pki.path(""), "localhost", tls.port, &unique("tls-no-cert"), trusting(&pki, json!({})));
+    let text = refusal(&s).await;
+    assert_mentions(&text, &["demands a client certificate", "ClientCertificatePath", "ClientCertFile"]);
     assert_no_secret(&pki, &text);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_wrong_pkcs12_passphrase_is_refused() {
+async fn a_client_certificate_from_another_ca_is_refused() {
     let pki = Pki::generate();
-    let tls = TlsTerminator::start(&pki.path("server.pem"), &pki.path("server.key"), Some(&pki.path("ca.pem")));
-    let s = settings(
-        pki.path("").as_path(),
-        "localhost",
-        tls.port,
-        &unique("tls-bad-pass"),
-        json!({
-            "UseSsl": true, "CaFile": pki.setting("ca.pem"),
-            "ClientCertificatePath": pki.setting("client.p12"), "ClientCertificatePassphrase": "not-the-passphrase",
-        }),
-    );
-    let text = connect_error(&s).await.to_string();
-    eprintln!("{text}");
+    let tls = mutual(&pki);
+    let identity = json!({"ClientCertFile": pki.setting("stranger.pem"), "ClientKeyFile": pki.setting("stranger.key")});
+    let s = settings(&pki.path(""), "localhost", tls.port, &unique("tls-stranger"), trusting(&pki, identity));
+    let text = refusal(&s).await;
+    assert_mentions(&text, &["did not accept the client certificate"]);
     assert_no_secret(&pki, &text);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_missing_ca_file_is_named() {
+async fn a_wrong_pkcs12_passphrase_is_refused_before_connecting() {
     let pki = Pki::generate();
-    let tls = TlsTerminator::start(&pki.path("server.pem"), &pki.path("server.key"), None);
-    let s = settings(
-        pki.path("").as_path(),
-        "localhost",
-        tls.port,
-        &unique("tls-no-ca"),
-        json!({"UseSsl": true, "CaFile": pki.setting("no-such-ca.pem")}),
-    );
-    let text = connect_error(&s).await.to_string();
-    eprintln!("{text}");
-    assert_no_secret(&pki, &text);
+    // Nothing listens there: the passphrase is checked before any connection.
+    let port = unused_port();
+    for wrong in ["not-the-passphrase", ""] {
+        let identity =
+            json!({"ClientCertificatePath": pki.setting("client.p12"), "ClientCertificatePassphrase": wrong});
+        let s = settings(&pki.path(""), "localhost", port, &unique("tls-bad-pass"), trusting(&pki, identity));
+        let text = refusal(&s).await;
+        assert_mentions(
+            &text,
+            &["ClientCertificatePath", &pki.setting("client.p12"), "wrong ClientCertificatePassphrase"],
+        );
+        assert!(wrong.is_empty() || !text.contains(wrong), "the given passphrase leaked: {text}");
+        assert_no_secret(&pki, &text);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_server_certificate_for_another_name_is_refused() {
+async fn unusable_tls_files_are_named_before_connecting() {
     let pki = Pki::generate();
-    let tls = TlsTerminator::start(&pki.path("elsewhere.pem"), &pki.path("elsewhere.key"), None);
-    let s = settings(
-        pki.path("").as_path(),
-        "localhost",
-        tls.port,
-        &unique("tls-name"),
-        json!({"UseSsl": true, "CaFile": pki.setting("ca.pem")}),
-    );
-    let text = connect_error(&s).await.to_string();
-    eprintln!("{text}");
+    let port = unused_port();
+    let cases = [
+        (
+            json!({"UseSsl": true, "CaFile": pki.setting("no-such-ca.pem")}),
+            vec!["CaFile", "no-such-ca.pem", "cannot be read"],
+        ),
+        (
+            json!({"UseSsl": true, "CaFile": pki.setting("client.p12")}),
+            vec!["CaFile", "client.p12", "holds no PEM certificate"],
+        ),
+        (
+            trusting(
+                &pki,
+                json!({"ClientCertFile": pki.setting("client.pem"), "ClientKeyFile": pki.setting("no-such.key")}),
+            ),
+            vec!["ClientKeyFile", "no-such.key", "cannot be read"],
+        ),
+        (
+            trusting(
+                &pki,
+                json!({"ClientCertFile": pki.setting("client.pem"), "ClientKeyFile": pki.setting("client.pem")}),
+            ),
+            vec!["ClientCertFile", "ClientKeyFile", "not a usable PEM certificate and private key"],
+        ),
+        // A key that does not belong to the certificate.
+        (
+            trusting(
+                &pki,
+                json!({"ClientCertFile": pki.setting("client.pem"), "ClientKeyFile": pki.setting("server.key")}),
+            ),
+            vec!["ClientCertFile", "server.key", "not a usable PEM certificate and private key"],
+        ),
+        (
+            trusting(&pki, json!({"ClientCertificatePath": pki.setting("no-such.p12")})),
+            vec!["ClientCertificatePath", "no-such.p12", "cannot be read"],
+        ),
+    ];
+    for (section, parts) in cases {
+        let s = settings(&pki.path(""), "localhost", port, &unique("tls-files"), section);
+        let text = refusal(&s).await;
+        assert_mentions(&text, &parts);
+        assert_no_secret(&pki, &text);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_the_plain_amqp_port_says_so() {
+    let pki = Pki::generate();
+    let s = settings(&pki.path(""), "127.0.0.1", 5672, &unique("tls-plain"), json!({"UseSsl": true}));
+    let text = refusal(&s).await;
+    assert_mentions(&text, &["did not answer in TLS", "5671"]);
+}
+
+/// A port of 127.0.0.1 nothing listens on.
+fn unused_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("address").port()
+}
+
+/// Runs `fhir-pubsub check-config` on these settings: (success, stdout and stderr).
+fn check_config(settings_file: &Path) -> (bool, String) {
+    check_config_with(settings_file, &[])
+}
+
+fn check_config_with(settings_file: &Path, env: &[(&str, &Path)]) -> (bool, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_fhir-pubsub"))
+        .args(["check-config", "--config"])
+        .arg(settings_file)
+        .env_remove("RUST_LOG")
+        .envs(env.iter().copied())
+        .output()
+        .expect("run fhir-pubsub check-config");
+    let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    (output.status.success(), text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_config_says_which_connection_fails_and_why() {
+    let pki = Pki::generate();
+    let tls = mutual(&pki);
+    let identity =
+        json!({"ClientCertificatePath": pki.setting("client.p12"), "ClientCertificatePassphrase": P12_PASSPHRASE});
+    settings(&pki.path(""), "localhost", tls.port, "tls-check-good", trusting(&pki, identity.clone()));
+    let (ok, text) = check_config(&pki.path("tls-check-good.json"));
+    assert!(ok, "{text}");
+    assert_mentions(&text, &[&format!("broker rabbitmq://localhost:{}/tls-check-good: ok", tls.port)]);
     assert_no_secret(&pki, &text);
+
+    let mut untrusting = identity;
+    untrusting["UseSsl"] = json!(true);
+    untrusting["CaFile"] = json!(pki.setting("other-ca.pem"));
+    settings(&pki.path(""), "localhost", tls.port, "tls-check-bad", untrusting);
+    let (ok, text) = check_config(&pki.path("tls-check-bad.json"));
+    assert!(!ok, "{text}");
+    // The store is fine; the broker connection is the one that fails, and the reason is given.
+    assert_mentions(&text, &["tls-check-bad.db: ok", "broker: FAILED: connecting to RabbitMQ", "not signed by a CA"]);
+    assert_no_secret(&pki, &text);
+}
+
+/// As in a minimal container image: no system CA certificates at all (the TLS library reads them
+/// from `SSL_CERT_FILE` when it is set, here a file that does not exist).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_system_certificates_the_ca_file_is_enough() {
+    let pki = Pki::generate();
+    let tls = server_auth(&pki);
+    let no_system_roots = [("SSL_CERT_FILE", pki.path("no-system-roots.pem")), ("SSL_CERT_DIR", pki.path("none"))];
+    let env: Vec<(&str, &Path)> = no_system_roots.iter().map(|(k, v)| (*k, v.as_path())).collect();
+
+    settings(&pki.path(""), "localhost", tls.port, "tls-bare", json!({"UseSsl": true}));
+    let (ok, text) = check_config_with(&pki.path("tls-bare.json"), &env);
+    assert!(!ok, "{text}");
+    assert_mentions(&text, &["broker: FAILED", "TLS cannot trust any server", "set CaFile"]);
+
+    settings(&pki.path(""), "localhost", tls.port, "tls-bare-ca", trusting(&pki, json!({})));
+    let (ok, text) = check_config_with(&pki.path("tls-bare-ca.json"), &env);
+    assert!(ok, "{text}");
+    assert_mentions(&text, &[&format!("broker rabbitmq://localhost:{}/tls-bare-ca: ok", tls.port)]);
 }

@@ -19,51 +19,23 @@ pub struct Pki {
 }
 
 impl Pki {
-    /// Generates every file (a few EC P-256 keys, so it takes well under a second).
+    /// Generates every file (EC P-256 keys, so it takes well under a second).
     pub fn generate() -> Pki {
         let pki = Pki { dir: tempfile::tempdir().expect("temp dir") };
-        pki.self_signed_ca("ca", "fhir-pubsub test CA");
-        pki.self_signed_ca("other-ca", "unrelated test CA");
-        pki.signed("server", "localhost", "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth");
-        pki.signed("elsewhere", "elsewhere.test", "subjectAltName=DNS:elsewhere.test\nextendedKeyUsage=serverAuth");
-        pki.signed("client", "fhir-pubsub-client", "extendedKeyUsage=clientAuth");
+        pki.self_signed_ca("ca", "fhir-pubsub-test-CA");
+        pki.self_signed_ca("other-ca", "unrelated-test-CA");
+        let server = "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth";
+        pki.signed("server", "ca", "localhost", server);
+        let elsewhere = "subjectAltName=DNS:elsewhere.test\nextendedKeyUsage=serverAuth";
+        pki.signed("elsewhere", "ca", "elsewhere.test", elsewhere);
+        pki.signed("client", "ca", "fhir-pubsub-client", "extendedKeyUsage=clientAuth");
+        pki.signed("stranger", "other-ca", "stranger-client", "extendedKeyUsage=clientAuth");
         // OpenSSL 3's defaults: PBES2 with AES-256-CBC and PBKDF2-SHA256, HMAC-SHA256 MAC.
-        pki.openssl(
-            &[
-                "pkcs12",
-                "-export",
-                "-in",
-                "client.pem",
-                "-inkey",
-                "client.key",
-                "-name",
-                "client",
-                "-out",
-                "client.p12",
-            ],
-            true,
-        );
-        // What older tools (and .NET before 5) write: 3DES for the key and the certificate, SHA-1 MAC.
-        pki.openssl(
-            &[
-                "pkcs12",
-                "-export",
-                "-in",
-                "client.pem",
-                "-inkey",
-                "client.key",
-                "-name",
-                "client",
-                "-certpbe",
-                "PBE-SHA1-3DES",
-                "-keypbe",
-                "PBE-SHA1-3DES",
-                "-macalg",
-                "sha1",
-                "-out",
-                "client-3des.p12",
-            ],
-            true,
+        pki.openssl_with_passphrase("pkcs12 -export -in client.pem -inkey client.key -name client -out client.p12");
+        // What older tools (and .NET before 5) write: 3DES for key and certificate, SHA-1 MAC.
+        pki.openssl_with_passphrase(
+            "pkcs12 -export -in client.pem -inkey client.key -name client -out client-3des.p12 \
+             -certpbe PBE-SHA1-3DES -keypbe PBE-SHA1-3DES -macalg sha1",
         );
         pki
     }
@@ -78,85 +50,45 @@ impl Pki {
     }
 
     fn self_signed_ca(&self, name: &str, common_name: &str) {
-        self.openssl(
-            &[
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-days",
-                "2",
-                "-subj",
-                &format!("/CN={common_name}"),
-                "-addext",
-                "basicConstraints=critical,CA:TRUE",
-                "-addext",
-                "keyUsage=critical,keyCertSign,cRLSign",
-                "-keyout",
-                &format!("{name}.key"),
-                "-out",
-                &format!("{name}.pem"),
-            ],
-            false,
-        );
+        self.openssl(&format!(
+            "req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN={common_name} \
+             -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign \
+             -keyout {name}.key -out {name}.pem"
+        ));
     }
 
-    /// A leaf certificate `name.pem` (key `name.key`, PKCS#8 PEM) signed by `ca`.
-    fn signed(&self, name: &str, common_name: &str, extensions: &str) {
-        let ext_file = format!("{name}.ext");
-        std::fs::write(self.path(&ext_file), format!("basicConstraints=CA:FALSE\n{extensions}\n")).expect("ext file");
-        self.openssl(
-            &[
-                "req",
-                "-new",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-subj",
-                &format!("/CN={common_name}"),
-                "-keyout",
-                &format!("{name}.key"),
-                "-out",
-                &format!("{name}.csr"),
-            ],
-            false,
-        );
-        self.openssl(
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &format!("{name}.csr"),
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-days",
-                "2",
-                "-extfile",
-                &ext_file,
-                "-out",
-                &format!("{name}.pem"),
-            ],
-            false,
-        );
+    /// A leaf certificate `name.pem` (key `name.key`, PKCS#8 PEM) signed by the CA `ca`.
+    fn signed(&self, name: &str, ca: &str, common_name: &str, extensions: &str) {
+        let ext_file = self.path(&format!("{name}.ext"));
+        std::fs::write(&ext_file, format!("basicConstraints=CA:FALSE\n{extensions}\n")).expect("ext file");
+        self.openssl(&format!(
+            "req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN={common_name} \
+             -keyout {name}.key -out {name}.csr"
+        ));
+        self.openssl(&format!(
+            "x509 -req -in {name}.csr -CA {ca}.pem -CAkey {ca}.key -CAcreateserial -days 2 \
+             -extfile {name}.ext -out {name}.pem"
+        ));
     }
 
-    fn openssl(&self, args: &[&str], with_passphrase: bool) {
+    fn openssl(&self, args: &str) {
+        self.run_openssl(Command::new("openssl").args(args.split_whitespace()));
+    }
+
+    /// With `-passout` taken from the environment, so the passphrase is on no command line.
+    fn openssl_with_passphrase(&self, args: &str) {
         let mut command = Command::new("openssl");
-        command.args(args).current_dir(self.dir.path()).stdin(Stdio::null());
-        if with_passphrase {
-            // Through the environment, so the passphrase is not on a command line.
-            command.env("P12_PASSPHRASE", P12_PASSPHRASE).args(["-passout", "env:P12_PASSPHRASE"]);
-        }
-        let output = command.output().expect("run openssl (scripts/services installs it)");
-        assert!(output.status.success(), "openssl {args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
+        command.args(args.split_whitespace()).args(["-passout", "env:P12_PASSPHRASE"]);
+        self.run_openssl(command.env("P12_PASSPHRASE", P12_PASSPHRASE));
+    }
+
+    fn run_openssl(&self, command: &mut Command) {
+        let output = command
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .output()
+            .expect("run openssl (scripts/services installs it)");
+        assert!(output.status.success(), "{command:?} failed: {}", String::from_utf8_lossy(&output.stderr));
     }
 }
 
