@@ -55,17 +55,7 @@ async fn assert_round_trip(settings: &Settings) {
     assert!(transport.is_connected());
     let mut deliveries = transport.start().await.expect("declare and consume over TLS");
     let id = uuid::Uuid::new_v4();
-    let message = OutgoingMessage {
-        body: br#"{"message":{"over":"tls"}}"#.to_vec(),
-        content_type: "application/vnd.masstransit+json",
-        message_id: id,
-        correlation_id: None,
-        headers: Vec::new(),
-        time_to_live: Some(Duration::from_secs(60)),
-        reply_to: None,
-        key: None,
-    };
-    transport.send(&transport.input_address(), message).await.expect("send over TLS");
+    transport.send(&transport.input_address(), message(id)).await.expect("send over TLS");
     let delivery = tokio::time::timeout(Duration::from_secs(30), deliveries.recv())
         .await
         .expect("a delivery within 30 s")
@@ -75,6 +65,19 @@ async fn assert_round_trip(settings: &Settings) {
     delivery.acker.ack().await.expect("ack over TLS");
     transport.close().await;
     delete_endpoint(&queue).await;
+}
+
+fn message(id: uuid::Uuid) -> OutgoingMessage {
+    OutgoingMessage {
+        body: br#"{"message":{"over":"tls"}}"#.to_vec(),
+        content_type: "application/vnd.masstransit+json",
+        message_id: id,
+        correlation_id: None,
+        headers: Vec::new(),
+        time_to_live: Some(Duration::from_secs(60)),
+        reply_to: None,
+        key: None,
+    }
 }
 
 /// Deletes the endpoint `q` with its error and skipped queues and exchanges, over plain AMQP.
@@ -178,6 +181,45 @@ async fn server_name_accepts_a_certificate_for_another_name() {
     let with = settings(&pki.path(""), "127.0.0.1", tls.port, &unique("tls-name"), named);
     assert!(with.accepted_but_unused().is_empty(), "ServerName is honoured");
     assert_round_trip(&with).await;
+}
+
+/// The reconnecting supervisor goes through the same TLS setup (CA, PKCS#12 identity, ServerName).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumption_resumes_over_tls_after_the_connection_drops() {
+    let pki = Pki::generate();
+    let mut tls = mutual(&pki);
+    let identity = json!({
+        "ClientCertificatePath": pki.setting("client.p12"), "ClientCertificatePassphrase": P12_PASSPHRASE,
+        "ServerName": "localhost",
+    });
+    let s = settings(&pki.path(""), "127.0.0.1", tls.port, &unique("tls-reconnect"), trusting(&pki, identity));
+    let transport = RabbitMqTransport::connect(options(&s)).await.expect("connect over TLS");
+    let mut deliveries = transport.start().await.expect("start");
+
+    tls.cut();
+    wait_until("the connection is seen lost", || !transport.is_connected()).await;
+    tls.resume();
+    wait_until("the transport reconnects", || transport.is_connected()).await;
+
+    let id = uuid::Uuid::new_v4();
+    // A send right after the reconnect may still find the consumer being set up; it is not lost.
+    transport.send(&transport.input_address(), message(id)).await.expect("send after reconnecting");
+    let delivery = tokio::time::timeout(Duration::from_secs(30), deliveries.recv())
+        .await
+        .expect("a delivery within 30 s")
+        .expect("the same delivery channel keeps working");
+    assert_eq!(delivery.meta.message_id, Some(id.to_string()));
+    delivery.acker.ack().await.expect("ack");
+    transport.close().await;
+    delete_endpoint(&s.pub_sub.message_broker.application_queue_name).await;
+}
+
+async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !condition() {
+        assert!(tokio::time::Instant::now() < deadline, "gave up waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

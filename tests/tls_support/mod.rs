@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -93,8 +94,12 @@ impl Pki {
 }
 
 /// A `socat` process terminating TLS on 127.0.0.1 and forwarding the plain bytes to 127.0.0.1:5672.
+///
+/// `socat` forks a child per connection; it runs in a process group of its own, led by the process
+/// started here, so stopping the group by that PID also ends the connections it carries.
 pub struct TlsTerminator {
     child: Child,
+    listen: String,
     pub port: u16,
 }
 
@@ -111,16 +116,30 @@ impl TlsTerminator {
             Some(ca) => listen.push_str(&format!(",verify=1,cafile={}", ca.display())),
             None => listen.push_str(",verify=0"),
         }
-        let child = Command::new("socat")
-            .args([listen.as_str(), "TCP:127.0.0.1:5672"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("run socat (scripts/services installs it)");
-        let mut terminator = TlsTerminator { child, port };
+        let child = spawn_socat(&listen);
+        let mut terminator = TlsTerminator { child, listen, port };
         terminator.wait_listening();
         terminator
+    }
+
+    /// Drops every connection and stops listening until [`TlsTerminator::resume`].
+    pub fn cut(&mut self) {
+        self.stop();
+    }
+
+    /// Listens again, on the same port and with the same settings.
+    pub fn resume(&mut self) {
+        self.child = spawn_socat(&self.listen);
+        self.wait_listening();
+    }
+
+    fn stop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let group = format!("-{}", self.child.id());
+            let _ = Command::new("kill").args(["-KILL", "--", &group]).stderr(Stdio::null()).status();
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     fn wait_listening(&mut self) {
@@ -140,9 +159,19 @@ impl TlsTerminator {
 
 impl Drop for TlsTerminator {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop();
     }
+}
+
+fn spawn_socat(listen: &str) -> Child {
+    Command::new("socat")
+        .args([listen, "TCP:127.0.0.1:5672"])
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run socat (scripts/services installs it)")
 }
 
 fn free_port() -> u16 {
