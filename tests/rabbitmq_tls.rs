@@ -338,6 +338,25 @@ async fn tls_to_the_plain_amqp_port_says_so() {
     assert_mentions(&text, &["did not answer in TLS", "5671"]);
 }
 
+#[test]
+fn tls_keys_without_tls_are_reported_as_unused() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let section = json!({"CaFile": "ca.pem", "ClientCertificatePath": "c.p12", "ServerName": "mq"});
+    let off = settings(dir.path(), "localhost", 5672, "tls-off", section.clone());
+    let unused: Vec<&str> = off.accepted_but_unused().into_iter().map(|(key, _)| key).collect();
+    assert_eq!(
+        unused,
+        [
+            "PubSub.MessageBroker.RabbitMQ.CaFile",
+            "PubSub.MessageBroker.RabbitMQ.ClientCertificatePath",
+            "PubSub.MessageBroker.RabbitMQ.ServerName"
+        ]
+    );
+    assert!(off.accepted_but_unused().iter().all(|(_, why)| why.contains("set UseSsl to true")));
+    let on = settings(dir.path(), "localhost", 5671, "tls-on", section);
+    assert!(on.accepted_but_unused().is_empty());
+}
+
 /// A port of 127.0.0.1 nothing listens on.
 fn unused_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
