@@ -160,7 +160,7 @@ async fn mutual_tls_with_a_pem_identity_round_trips() {
 async fn mutual_tls_with_a_pkcs12_identity_round_trips() {
     let pki = Pki::generate();
     let tls = mutual(&pki);
-    for bundle in ["client.p12", "client-3des.p12"] {
+    for bundle in ["client.p12", "client-3des.p12", "client-legacy.p12"] {
         let identity =
             json!({"ClientCertificatePath": pki.setting(bundle), "ClientCertificatePassphrase": P12_PASSPHRASE});
         let s = settings(&pki.path(""), "localhost", tls.port, &unique("tls-p12"), trusting(&pki, identity));

@@ -33,10 +33,15 @@ impl Pki {
         pki.signed("stranger", "other-ca", "stranger-client", "extendedKeyUsage=clientAuth");
         // OpenSSL 3's defaults: PBES2 with AES-256-CBC and PBKDF2-SHA256, HMAC-SHA256 MAC.
         pki.openssl_with_passphrase("pkcs12 -export -in client.pem -inkey client.key -name client -out client.p12");
-        // What older tools (and .NET before 5) write: 3DES for key and certificate, SHA-1 MAC.
+        // Windows' certificate export default (TripleDES-SHA1): 3DES for key and certificate, SHA-1 MAC.
         pki.openssl_with_passphrase(
             "pkcs12 -export -in client.pem -inkey client.key -name client -out client-3des.p12 \
              -certpbe PBE-SHA1-3DES -keypbe PBE-SHA1-3DES -macalg sha1",
+        );
+        // OpenSSL 1.x's defaults, found in many older .pfx files: RC2-40 for the certificate, 3DES
+        // for the key (needs OpenSSL 3's legacy provider, which Debian ships).
+        pki.openssl_with_passphrase(
+            "pkcs12 -export -legacy -in client.pem -inkey client.key -name client -out client-legacy.p12",
         );
         pki
     }
