@@ -151,9 +151,11 @@ async fn ca_file_over_server_auth_round_trips() {
 async fn mutual_tls_with_a_pem_identity_round_trips() {
     let pki = Pki::generate();
     let tls = mutual(&pki);
-    let identity = json!({"ClientCertFile": pki.setting("client.pem"), "ClientKeyFile": pki.setting("client.key")});
-    let s = settings(&pki.path(""), "localhost", tls.port, &unique("tls-pem"), trusting(&pki, identity));
-    assert_round_trip(&s).await;
+    for key in ["client.key", "client-sec1.key"] {
+        let identity = json!({"ClientCertFile": pki.setting("client.pem"), "ClientKeyFile": pki.setting(key)});
+        let s = settings(&pki.path(""), "localhost", tls.port, &unique("tls-pem"), trusting(&pki, identity));
+        assert_round_trip(&s).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -31,6 +31,8 @@ impl Pki {
         pki.signed("elsewhere", "ca", "elsewhere.test", elsewhere);
         pki.signed("client", "ca", "fhir-pubsub-client", "extendedKeyUsage=clientAuth");
         pki.signed("stranger", "other-ca", "stranger-client", "extendedKeyUsage=clientAuth");
+        // The same key in SEC1 form (`EC PRIVATE KEY`), as older tools write it.
+        pki.openssl("ec -in client.key -out client-sec1.key");
         // OpenSSL 3's defaults: PBES2 with AES-256-CBC and PBKDF2-SHA256, HMAC-SHA256 MAC.
         pki.openssl_with_passphrase("pkcs12 -export -in client.pem -inkey client.key -name client -out client.p12");
         // Windows' certificate export default (TripleDES-SHA1): 3DES for key and certificate, SHA-1 MAC.
