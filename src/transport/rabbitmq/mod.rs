@@ -888,9 +888,10 @@ fn connect_error(options: &RabbitMqOptions, error: &lapin::Error) -> TransportEr
         // The TLS library reports certificate and protocol failures as invalid data.
         let tls_error =
             matches!(error.kind(), lapin::ErrorKind::IOError(e) if e.kind() == std::io::ErrorKind::InvalidData);
-        if let Some(hint) = tls_failure_hint(&message).filter(|_| tls_error) {
+        if tls_error {
+            let hint = tls_failure_hint(&message).map(|hint| format!("{hint} ")).unwrap_or_default();
             return TransportError::Refused(format!(
-                "TLS with {}:{} (server name `{}`) failed: {hint} ({message})",
+                "TLS with {}:{} (server name `{}`) failed: {hint}({message})",
                 options.host,
                 options.port,
                 options.tls_server_name()
@@ -952,6 +953,27 @@ mod tests {
         assert_eq!(p.expiration().as_ref().map(|s| s.as_str()), Some("1000"));
         assert_eq!(p.message_id().as_ref().map(|s| s.as_str()), Some("00000000-0000-0000-0000-000000000000"));
         assert!(p.kind().is_none() && p.app_id().is_none() && p.timestamp().is_none() && p.correlation_id().is_none());
+    }
+
+    #[test]
+    fn tls_failures_are_explained_in_the_words_of_the_settings() {
+        let cases = [
+            ("IO error: invalid peer certificate: UnknownIssuer", "CaFile"),
+            (
+                r#"IO error: invalid peer certificate: certificate not valid for name "mq"; certificate is only valid for DnsName("x")"#,
+                "ServerName",
+            ),
+            ("IO error: invalid peer certificate: certificate expired: verification time 2", "validity period"),
+            ("IO error: received fatal alert: CertificateRequired", "ClientCertificatePath"),
+            ("IO error: received fatal alert: UnknownCA", "did not accept the client certificate"),
+            ("IO error: received fatal alert: HandshakeFailure", "ended the handshake"),
+            ("IO error: received corrupt message of type InvalidContentType", "5671"),
+        ];
+        for (message, expected) in cases {
+            let hint = tls_failure_hint(message).unwrap_or_else(|| panic!("no hint for {message}"));
+            assert!(hint.contains(expected), "{message} → {hint}");
+        }
+        assert_eq!(tls_failure_hint("IO error: Connection refused (os error 111)"), None);
     }
 
     #[test]
