@@ -39,6 +39,10 @@ pub const ACCEPTED_BUT_UNUSED: &[(&str, &str)] = &[(
     "Firely Server before 5.0 switched events on with it; use SendLightEvents and/or SendFullEvents",
 )];
 
+/// Why a RabbitMQ TLS key is reported by [`Settings::accepted_but_unused`] when TLS is off (as
+/// MassTransit does, it is then ignored rather than refused, so a pasted Firely section loads).
+pub const TLS_OFF: &str = "TLS is off (UseSsl is false and Port is not 5671), so it has no effect; set UseSsl to true";
+
 /// Why the settings were refused. Every variant about a setting names its full key path.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -276,10 +280,12 @@ pub struct RabbitMqSettings {
     /// Password of `ClientCertificatePath`. Default none.
     #[serde(deserialize_with = "lenient::opt_string")]
     pub client_certificate_passphrase: Option<String>,
-    /// The name the server certificate must carry. Default: `Host`.
+    /// The name the server's certificate must carry, also sent as the TLS server name (SNI).
+    /// Default: `Host`. Set it when `Host` is an address the certificate does not name.
     #[serde(deserialize_with = "lenient::opt_string")]
     pub server_name: Option<String>,
-    /// Ours: a PEM file of CA certificates trusted for the server, in addition to the system's.
+    /// Ours: a PEM file of CA certificates trusted for the server, in addition to the system's
+    /// (which `SSL_CERT_FILE`/`SSL_CERT_DIR` replace when set).
     #[serde(deserialize_with = "lenient::opt_string")]
     pub ca_file: Option<String>,
     /// Ours: a PEM client certificate (chain), with `ClientKeyFile`.
@@ -688,10 +694,11 @@ impl Settings {
         value
     }
 
-    /// The Firely keys this configuration sets that the bridge accepts but does not act on, with
-    /// the reason, for a warning at start.
+    /// The keys this configuration sets that the bridge accepts but does not act on, with the
+    /// reason, for a warning at start: the keys of [`ACCEPTED_BUT_UNUSED`], and the RabbitMQ TLS
+    /// keys when TLS is off ([`TLS_OFF`]).
     pub fn accepted_but_unused(&self) -> Vec<(&'static str, &'static str)> {
-        ACCEPTED_BUT_UNUSED
+        let mut unused: Vec<(&'static str, &'static str)> = ACCEPTED_BUT_UNUSED
             .iter()
             .copied()
             .filter(|(key, _)| match *key {
@@ -700,7 +707,19 @@ impl Settings {
                 }
                 _ => false,
             })
-            .collect()
+            .collect();
+        let broker = &self.pub_sub.message_broker;
+        if broker.broker_type == BrokerType::RabbitMq && !broker.rabbitmq_tls() {
+            let tls = &broker.rabbit_mq;
+            let set = [
+                ("PubSub.MessageBroker.RabbitMQ.CaFile", tls.ca_file.is_some()),
+                ("PubSub.MessageBroker.RabbitMQ.ClientCertificatePath", tls.client_certificate_path.is_some()),
+                ("PubSub.MessageBroker.RabbitMQ.ClientCertFile", tls.client_cert_file.is_some()),
+                ("PubSub.MessageBroker.RabbitMQ.ServerName", tls.server_name.is_some()),
+            ];
+            unused.extend(set.into_iter().filter(|(_, is_set)| *is_set).map(|(key, _)| (key, TLS_OFF)));
+        }
+        unused
     }
 }
 

@@ -10,7 +10,10 @@
 //! * after a connection loss a supervisor task reconnects, redeclares the topology and resumes
 //!   consuming into the same `mpsc` channel; while it is down `is_connected()` is false and sends
 //!   wait at most [`RabbitMqOptions::reconnect_wait`] before failing with a retryable error;
-//! * the password is never logged.
+//! * the password is never logged;
+//! * TLS material (CA file, client identity) is read and checked once, in [`RabbitMqTransport::connect`],
+//!   before any connection, so a wrong path, passphrase or key is reported as such and not as a
+//!   network failure; the server's certificate is checked against `ServerName` (default: the host).
 //!
 //! Recovery is done here rather than with lapin's `enable_auto_recover`: a fresh connection per
 //! outage keeps the state simple (a channel closed by a 406 on a reply declare is not "recovered",
@@ -24,8 +27,11 @@ mod options;
 mod target;
 
 use std::collections::HashSet;
+use std::path::Path;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -34,7 +40,7 @@ use lapin::options::{
     BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeBindOptions,
     ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
-use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
+use lapin::tcp::{AMQPUriTcpExt, AsyncTcpStream, OwnedIdentity, OwnedTLSConfig, TLSConfig};
 use lapin::types::{FieldTable, LongString, ShortString};
 use lapin::uri::{AMQPAuthority, AMQPQueryString, AMQPScheme, AMQPUri, AMQPUserInfo};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
@@ -113,10 +119,12 @@ impl Drop for Inner {
 impl RabbitMqTransport {
     /// Connects to the broker. Nothing is declared until [`Transport::start`] or a send.
     ///
-    /// Fails with [`TransportError::Refused`] for bad credentials, an unknown vhost or unreadable
-    /// TLS files, and with [`TransportError::Unavailable`] when the broker cannot be reached.
+    /// Fails with [`TransportError::Refused`] for bad credentials, an unknown vhost, unusable TLS
+    /// material or a TLS handshake that cannot succeed (untrusted or misnamed server certificate,
+    /// client certificate missing or not accepted), and with [`TransportError::Unavailable`] when
+    /// the broker cannot be reached.
     pub async fn connect(options: RabbitMqOptions) -> Result<Self, TransportError> {
-        let tls = tls_config(&options)?;
+        let tls = tls_config(&options).await?;
         let uri = amqp_uri(&options);
         let input_address = input_address(&options);
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -248,11 +256,23 @@ impl Inner {
         let properties = ConnectionProperties::default()
             .with_connection_name(LongString::from(format!("fhir-pubsub {}", self.options.queue_name)));
         let runtime = lapin::runtime::default_runtime().map_err(|e| TransportError::Unavailable(e.to_string()))?;
-        let connecting = Connection::connect_uri_with_config(self.uri.clone(), properties, self.tls.clone(), runtime);
+        let tls = self.tls.clone();
+        let server_name = self.options.tls_server_name().to_owned();
+        // lapin's own connector checks the certificate against the URI's host; this one against
+        // `server_name`, which is the host unless `ServerName` says otherwise.
+        let connect = async move |uri: AMQPUri, runtime| {
+            let tcp_only = AMQPUri { scheme: AMQPScheme::AMQP, ..uri.clone() };
+            let stream = AMQPUriTcpExt::connect_with_config_async(&tcp_only, TLSConfig::default(), &runtime).await?;
+            if uri.scheme == AMQPScheme::AMQP {
+                return Ok(stream);
+            }
+            Ok::<_, lapin::Error>(stream.into_tls(&server_name, tls.as_ref()).await?)
+        };
+        let connecting = Connection::connector(self.uri.clone(), runtime, connect, properties);
         let connection = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
             .await
             .map_err(|_| TransportError::Unavailable("timed out connecting to RabbitMQ".to_owned()))?
-            .map_err(|e| connect_error(&e))?;
+            .map_err(|e| connect_error(&self.options, &e))?;
         let publishers = (0..self.options.publish_channels.max(1)).map(|_| tokio::sync::Mutex::new(None)).collect();
         Ok(Arc::new(Session {
             id: self.next_session_id.fetch_add(1, Ordering::Relaxed),
@@ -719,33 +739,139 @@ fn amqp_uri(options: &RabbitMqOptions) -> AMQPUri {
     }
 }
 
-fn tls_config(options: &RabbitMqOptions) -> Result<OwnedTLSConfig, TransportError> {
+/// The TLS material of `options`, read and checked before any connection: every file must be
+/// readable, `CaFile` must hold PEM certificates, and the client identity must open (the right
+/// PKCS#12 passphrase, a certificate and key that parse). Messages name the setting and the file,
+/// never a passphrase.
+async fn tls_config(options: &RabbitMqOptions) -> Result<OwnedTLSConfig, TransportError> {
     if !options.use_tls() {
         return Ok(OwnedTLSConfig::default());
     }
-    let read = |path: &std::path::Path| {
+    let read = |setting: &str, path: &Path| {
         std::fs::read(path)
-            .map_err(|e| TransportError::Refused(format!("cannot read TLS file `{}`: {e}", path.display())))
+            .map_err(|e| TransportError::Refused(format!("TLS {setting} `{}` cannot be read: {e}", path.display())))
     };
-    let cert_chain = match &options.tls.ca_file {
-        Some(path) => Some(
-            String::from_utf8(read(path)?)
-                .map_err(|_| TransportError::Refused(format!("TLS CA file `{}` is not PEM text", path.display())))?,
-        ),
-        None => None,
-    };
-    let identity = match &options.tls.client_identity {
+    let mut config = OwnedTLSConfig::default();
+    if let Some(path) = &options.tls.ca_file {
+        let pem = String::from_utf8(read("CaFile", path)?).ok().filter(|text| text.contains(PEM_CERTIFICATE));
+        let Some(pem) = pem else {
+            return Err(TransportError::Refused(format!(
+                "TLS CaFile `{}` holds no PEM certificate (`{PEM_CERTIFICATE}`)",
+                path.display()
+            )));
+        };
+        config.cert_chain = Some(pem);
+    }
+    build_tls_client(&config).await.map_err(|e| match &options.tls.ca_file {
+        Some(path) => {
+            TransportError::Refused(format!("TLS CaFile `{}` holds an unusable certificate: {e}", path.display()))
+        }
+        None => TransportError::Refused(format!(
+            "TLS cannot trust any server: {e} (install the system's CA certificates, or set CaFile)"
+        )),
+    })?;
+    match &options.tls.client_identity {
         Some(ClientIdentity::Pkcs12 { path, password }) => {
-            Some(OwnedIdentity::PKCS12 { der: read(path)?, password: password.clone() })
+            config.identity =
+                Some(OwnedIdentity::PKCS12 { der: read("ClientCertificatePath", path)?, password: password.clone() });
+            build_tls_client(&config).await.map_err(|e| {
+                TransportError::Refused(format!(
+                    "TLS ClientCertificatePath `{}` cannot be opened: wrong ClientCertificatePassphrase, or not a \
+                     PKCS#12 file with a certificate and its private key ({e})",
+                    path.display()
+                ))
+            })?;
         }
         Some(ClientIdentity::Pem { cert_path, key_path }) => {
-            Some(OwnedIdentity::PKCS8 { pem: read(cert_path)?, key: read(key_path)? })
+            config.identity = Some(OwnedIdentity::PKCS8 {
+                pem: read("ClientCertFile", cert_path)?,
+                key: read("ClientKeyFile", key_path)?,
+            });
+            build_tls_client(&config).await.map_err(|e| {
+                TransportError::Refused(format!(
+                    "TLS ClientCertFile `{}` and ClientKeyFile `{}` are not a usable PEM certificate and \
+                     private key: {e}",
+                    cert_path.display(),
+                    key_path.display()
+                ))
+            })?;
         }
-        None => None,
-    };
-    Ok(OwnedTLSConfig { identity, cert_chain })
+        None => {}
+    }
+    Ok(config)
 }
 
+const PEM_CERTIFICATE: &str = "-----BEGIN CERTIFICATE-----";
+
+/// Builds the TLS client exactly as a connection does, over a stream that is already at its end:
+/// material that cannot be used (a wrong passphrase, a key that does not parse, a key that does not
+/// match its certificate) fails before a byte is exchanged, while usable material gets as far as
+/// the handshake and stops there with `UnexpectedEof`.
+async fn build_tls_client(config: &OwnedTLSConfig) -> std::io::Result<()> {
+    match AsyncTcpStream::Plain(EndedStream).into_tls("localhost", config.as_ref()).await {
+        Err(e) if e.kind() != std::io::ErrorKind::UnexpectedEof => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// A stream that swallows writes and reads as ended.
+struct EndedStream;
+
+impl futures::io::AsyncRead for EndedStream {
+    fn poll_read(self: Pin<&mut Self>, _: &mut Context<'_>, _: &mut [u8]) -> Poll<std::io::Result<usize>> {
+        Poll::Ready(Ok(0))
+    }
+}
+
+impl futures::io::AsyncWrite for EndedStream {
+    fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// Why a TLS connection failed, in the words of the settings, from the TLS library's message.
+/// The library's own message is kept beside it, so an unknown case still says something.
+fn tls_failure_hint(message: &str) -> Option<&'static str> {
+    const HINTS: &[(&[&str], &str)] = &[
+        (&["UnknownIssuer"], "the server's certificate is not signed by a CA in CaFile or in the system's trust store"),
+        (
+            &["not valid for name", "NotValidForName"],
+            "the server's certificate does not carry the name connected to; connect by a name it carries \
+             (Host) or set ServerName to one",
+        ),
+        (
+            &["certificate expired", "certificate not valid yet", "Expired", "NotValidYet"],
+            "the server's certificate is outside its validity period",
+        ),
+        (
+            &["alert: CertificateRequired"],
+            "the server demands a client certificate: set ClientCertificatePath (PKCS#12) or ClientCertFile \
+             and ClientKeyFile (PEM)",
+        ),
+        (
+            &["alert: BadCertificate", "alert: UnknownCA", "alert: CertificateUnknown", "alert: AccessDenied"],
+            "the server did not accept the client certificate (is it signed by a CA the server trusts?)",
+        ),
+        (
+            &["alert: HandshakeFailure"],
+            "the server ended the handshake: it may demand a client certificate, or share no TLS version or \
+             cipher suite with the bridge",
+        ),
+        (
+            &["received corrupt message", "InvalidContentType"],
+            "the server did not answer in TLS; is this its TLS port (usually 5671), not plain AMQP (5672)?",
+        ),
+    ];
+    HINTS.iter().find(|(needles, _)| needles.iter().any(|n| message.contains(n))).map(|(_, hint)| *hint)
+}
 /// The AMQP reply code of a protocol error (404, 406, 403…).
 fn reply_code(error: &lapin::Error) -> Option<u16> {
     match error.kind() {
@@ -754,11 +880,26 @@ fn reply_code(error: &lapin::Error) -> Option<u16> {
     }
 }
 
-fn connect_error(error: &lapin::Error) -> TransportError {
-    match reply_code(error) {
-        Some(403 | 530) => TransportError::Refused(format!("RabbitMQ refused the connection: {error}")),
-        _ => TransportError::Unavailable(format!("cannot connect to RabbitMQ: {error}")),
+fn connect_error(options: &RabbitMqOptions, error: &lapin::Error) -> TransportError {
+    if let Some(code @ (403 | 530)) = reply_code(error) {
+        return TransportError::Refused(format!("RabbitMQ refused the connection ({code}): {error}"));
     }
+    if options.use_tls() {
+        let message = error.to_string();
+        // The TLS library reports certificate and protocol failures as invalid data.
+        let tls_error =
+            matches!(error.kind(), lapin::ErrorKind::IOError(e) if e.kind() == std::io::ErrorKind::InvalidData);
+        if tls_error {
+            let hint = tls_failure_hint(&message).map(|hint| format!("{hint} ")).unwrap_or_default();
+            return TransportError::Refused(format!(
+                "TLS with {}:{} (server name `{}`) failed: {hint}({message})",
+                options.host,
+                options.port,
+                options.tls_server_name()
+            ));
+        }
+    }
+    TransportError::Unavailable(format!("cannot connect to RabbitMQ: {error}"))
 }
 
 fn declare_error(name: &str, error: &lapin::Error) -> TransportError {
@@ -813,6 +954,27 @@ mod tests {
         assert_eq!(p.expiration().as_ref().map(|s| s.as_str()), Some("1000"));
         assert_eq!(p.message_id().as_ref().map(|s| s.as_str()), Some("00000000-0000-0000-0000-000000000000"));
         assert!(p.kind().is_none() && p.app_id().is_none() && p.timestamp().is_none() && p.correlation_id().is_none());
+    }
+
+    #[test]
+    fn tls_failures_are_explained_in_the_words_of_the_settings() {
+        let cases = [
+            ("IO error: invalid peer certificate: UnknownIssuer", "CaFile"),
+            (
+                r#"IO error: invalid peer certificate: certificate not valid for name "mq"; certificate is only valid for DnsName("x")"#,
+                "ServerName",
+            ),
+            ("IO error: invalid peer certificate: certificate expired: verification time 2", "validity period"),
+            ("IO error: received fatal alert: CertificateRequired", "ClientCertificatePath"),
+            ("IO error: received fatal alert: UnknownCA", "did not accept the client certificate"),
+            ("IO error: received fatal alert: HandshakeFailure", "ended the handshake"),
+            ("IO error: received corrupt message of type InvalidContentType", "5671"),
+        ];
+        for (message, expected) in cases {
+            let hint = tls_failure_hint(message).unwrap_or_else(|| panic!("no hint for {message}"));
+            assert!(hint.contains(expected), "{message} → {hint}");
+        }
+        assert_eq!(tls_failure_hint("IO error: Connection refused (os error 111)"), None);
     }
 
     #[test]

@@ -72,6 +72,11 @@ impl RabbitMqOptions {
     pub fn use_tls(&self) -> bool {
         self.tls.enabled || self.port == TLS_PORT
     }
+
+    /// The name the server's certificate is checked against: `tls.server_name`, else `host`.
+    pub fn tls_server_name(&self) -> &str {
+        self.tls.server_name.as_deref().map(str::trim).filter(|name| !name.is_empty()).unwrap_or(&self.host)
+    }
 }
 
 impl fmt::Debug for RabbitMqOptions {
@@ -104,6 +109,9 @@ pub struct TlsOptions {
     pub ca_file: Option<PathBuf>,
     /// The client certificate, when the broker asks for one.
     pub client_identity: Option<ClientIdentity>,
+    /// The name the server's certificate must carry, and the SNI sent; `host` when `None`. Lets the
+    /// bridge reach the broker by an address its certificate does not name (an IP, a tunnel).
+    pub server_name: Option<String>,
 }
 
 /// A client certificate for TLS client authentication.
@@ -157,6 +165,7 @@ impl RabbitMqOptions {
                 enabled: broker.rabbitmq_tls(),
                 ca_file: rabbit.ca_file.as_ref().map(PathBuf::from),
                 client_identity,
+                server_name: rabbit.server_name.clone(),
             },
             ..RabbitMqOptions::default()
         }
@@ -175,6 +184,7 @@ mod tests {
                 enabled: true,
                 ca_file: None,
                 client_identity: Some(ClientIdentity::Pkcs12 { path: "c.pfx".into(), password: "pfx-pw".to_owned() }),
+                server_name: None,
             },
             ..RabbitMqOptions::default()
         };
@@ -188,5 +198,15 @@ mod tests {
     fn port_5671_turns_tls_on() {
         assert!(RabbitMqOptions { port: 5671, ..RabbitMqOptions::default() }.use_tls());
         assert!(!RabbitMqOptions::default().use_tls());
+    }
+
+    #[test]
+    fn server_name_defaults_to_the_host() {
+        let mut options = RabbitMqOptions { host: "10.0.0.7".into(), ..RabbitMqOptions::default() };
+        assert_eq!(options.tls_server_name(), "10.0.0.7");
+        options.tls.server_name = Some(" ".into());
+        assert_eq!(options.tls_server_name(), "10.0.0.7");
+        options.tls.server_name = Some("rabbit.example.org".into());
+        assert_eq!(options.tls_server_name(), "rabbit.example.org");
     }
 }
