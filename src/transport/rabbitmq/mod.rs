@@ -253,26 +253,8 @@ impl Inner {
     }
 
     async fn open_session(&self) -> Result<Arc<Session>, TransportError> {
-        let properties = ConnectionProperties::default()
-            .with_connection_name(LongString::from(format!("fhir-pubsub {}", self.options.queue_name)));
-        let runtime = lapin::runtime::default_runtime().map_err(|e| TransportError::Unavailable(e.to_string()))?;
-        let tls = self.tls.clone();
-        let server_name = self.options.tls_server_name().to_owned();
-        // lapin's own connector checks the certificate against the URI's host; this one against
-        // `server_name`, which is the host unless `ServerName` says otherwise.
-        let connect = async move |uri: AMQPUri, runtime| {
-            let tcp_only = AMQPUri { scheme: AMQPScheme::AMQP, ..uri.clone() };
-            let stream = AMQPUriTcpExt::connect_with_config_async(&tcp_only, TLSConfig::default(), &runtime).await?;
-            if uri.scheme == AMQPScheme::AMQP {
-                return Ok(stream);
-            }
-            Ok::<_, lapin::Error>(stream.into_tls(&server_name, tls.as_ref()).await?)
-        };
-        let connecting = Connection::connector(self.uri.clone(), runtime, connect, properties);
-        let connection = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
-            .await
-            .map_err(|_| TransportError::Unavailable("timed out connecting to RabbitMQ".to_owned()))?
-            .map_err(|e| connect_error(&self.options, &e))?;
+        let name = format!("fhir-pubsub {}", self.options.queue_name);
+        let connection = open_connection(&self.options, self.uri.clone(), self.tls.clone(), name).await?;
         let publishers = (0..self.options.publish_channels.max(1)).map(|_| tokio::sync::Mutex::new(None)).collect();
         Ok(Arc::new(Session {
             id: self.next_session_id.fetch_add(1, Ordering::Relaxed),
@@ -737,6 +719,32 @@ fn amqp_uri(options: &RabbitMqOptions) -> AMQPUri {
         vhost: if options.vhost.is_empty() { "/".to_owned() } else { options.vhost.clone() },
         query: AMQPQueryString { heartbeat: Some(30), ..AMQPQueryString::default() },
     }
+}
+
+/// Opens one AMQP connection named `name` on the broker. lapin's own connector checks the broker's
+/// certificate against the URI's host; this one against `ServerName`, which is the host unless set.
+async fn open_connection(
+    options: &RabbitMqOptions,
+    uri: AMQPUri,
+    tls: OwnedTLSConfig,
+    name: String,
+) -> Result<Connection, TransportError> {
+    let properties = ConnectionProperties::default().with_connection_name(LongString::from(name));
+    let runtime = lapin::runtime::default_runtime().map_err(|e| TransportError::Unavailable(e.to_string()))?;
+    let server_name = options.tls_server_name().to_owned();
+    let connect = async move |uri: AMQPUri, runtime| {
+        let tcp_only = AMQPUri { scheme: AMQPScheme::AMQP, ..uri.clone() };
+        let stream = AMQPUriTcpExt::connect_with_config_async(&tcp_only, TLSConfig::default(), &runtime).await?;
+        if uri.scheme == AMQPScheme::AMQP {
+            return Ok(stream);
+        }
+        Ok::<_, lapin::Error>(stream.into_tls(&server_name, tls.as_ref()).await?)
+    };
+    let connecting = Connection::connector(uri, runtime, connect, properties);
+    tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+        .await
+        .map_err(|_| TransportError::Unavailable("timed out connecting to RabbitMQ".to_owned()))?
+        .map_err(|e| connect_error(options, &e))
 }
 
 /// The TLS material of `options`, read and checked before any connection: every file must be
