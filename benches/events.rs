@@ -10,7 +10,7 @@
 //! postgres://postgres@127.0.0.1:5432/postgres). Figures are printed; nothing is asserted.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -21,88 +21,37 @@ use fhir_pubsub::contracts::read::{self, StorePlanMessage};
 use fhir_pubsub::plan::{PlanLimits, StoreJob, execute_store_plans, validate_store_plan};
 use fhir_pubsub::publisher::Publisher;
 use fhir_pubsub::store::{self, Store};
+use fhir_pubsub::transport::Transport;
 use fhir_pubsub::transport::rabbitmq::{RabbitMqOptions, RabbitMqTransport};
-use fhir_pubsub::transport::{Transport, TransportMeta};
-use futures::StreamExt;
-use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
-    QueueDeclareOptions,
-};
-use lapin::types::FieldTable;
-use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::{BasicProperties, Connection, ConnectionProperties};
 use serde_json::json;
 use sqlx::Connection as _;
 use tokio::sync::watch;
 use uuid::Uuid;
 
-const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+#[path = "../tests/event_sink/mod.rs"]
+mod event_sink;
 
-/// Arrival time of each change (`Type/id|version`) whose id starts with the tag.
-type Arrivals = Arc<Mutex<HashMap<String, DateTime<Utc>>>>;
+use event_sink::{AMQP, EventSink};
 
-async fn consume(message_type: MessageType, tag: &str) -> (Arrivals, Connection) {
-    let connection = Connection::connect(AMQP, ConnectionProperties::default()).await.expect("RabbitMQ");
-    let channel = connection.create_channel().await.unwrap();
-    let exchange = message_type.exchange();
-    channel
-        .exchange_declare(
-            exchange.as_str().into(),
-            ExchangeKind::Fanout,
-            ExchangeDeclareOptions { durable: true, ..Default::default() },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let queue = channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    channel
-        .queue_bind(
-            queue.name().clone(),
-            exchange.as_str().into(),
-            "".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let mut consumer = channel
-        .basic_consume(
-            queue.name().clone(),
-            "".into(),
-            BasicConsumeOptions { no_ack: true, ..Default::default() },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let arrivals: Arrivals = Arc::default();
-    let (sink, tag) = (arrivals.clone(), tag.to_owned());
-    tokio::spawn(async move {
-        while let Some(Ok(delivery)) = consumer.next().await {
-            let at = Utc::now();
-            let Ok(envelope) = fhir_pubsub::envelope::decode(&delivery.data, &TransportMeta::default()) else {
-                continue;
-            };
-            let Some(message) = envelope.message.as_deref() else { continue };
-            let Ok(changes) = read::changes(message) else { continue };
-            let mut sink = sink.lock().unwrap();
-            for c in changes.iter().filter(|c| c.reference.resource_id.starts_with(&tag)) {
-                let key = format!(
-                    "{}/{}|{}",
-                    c.reference.resource_type,
-                    c.reference.resource_id,
-                    c.reference.version.as_deref().unwrap_or("")
-                );
-                sink.entry(key).or_insert(at);
-            }
+/// Arrival time of each change (`Type/id|version`) of `message_type` the sink got.
+fn arrivals(sink: &EventSink, message_type: MessageType) -> HashMap<String, DateTime<Utc>> {
+    let mut out = HashMap::new();
+    for m in sink.messages(message_type) {
+        for ((key, version, _), _) in m.changes {
+            out.entry(format!("{key}|{version}")).or_insert(m.arrived_at);
         }
-    });
-    (arrivals, connection)
+    }
+    out
+}
+
+/// Waits until the sink got `count` distinct changes of `message_type` (at most `limit`).
+async fn wait_all(sink: &EventSink, message_type: MessageType, count: usize, limit: Duration) {
+    let started = Instant::now();
+    while arrivals(sink, message_type).len() < count && started.elapsed() < limit {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 fn patient(id: &str) -> String {
@@ -130,13 +79,6 @@ fn settings(full: bool, light: bool) -> ResourceChangeNotificationSettings {
     }
 }
 
-async fn wait_all(arrivals: &Arrivals, count: usize, limit: Duration) {
-    let started = Instant::now();
-    while arrivals.lock().unwrap().len() < count && started.elapsed() < limit {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -148,7 +90,7 @@ async fn latency(store: Arc<dyn Store>, label: &str) {
     const RATE: usize = 1000;
     const SECONDS: usize = 10;
     let tag = format!("lat{}", Uuid::new_v4().simple());
-    let (arrivals, _consumer) = consume(MessageType::ResourcesChangedEvent, &tag).await;
+    let sink = EventSink::start(&tag).await;
     let (transport, queue) = transport().await;
     let publisher = Arc::new(Publisher::new(store.clone(), transport.clone(), settings(true, false)));
     let bridge = Arc::new(
@@ -193,9 +135,9 @@ async fn latency(store: Arc<dyn Store>, label: &str) {
         }
     }
     let sent_in = started.elapsed();
-    wait_all(&arrivals, RATE * SECONDS, Duration::from_secs(60)).await;
+    wait_all(&sink, MessageType::ResourcesChangedEvent, RATE * SECONDS, Duration::from_secs(60)).await;
     let log = store.version_log().await.unwrap();
-    let arrivals = arrivals.lock().unwrap().clone();
+    let arrivals = arrivals(&sink, MessageType::ResourcesChangedEvent);
     let mut delays: Vec<f64> = log
         .iter()
         .filter_map(|c| {
@@ -225,7 +167,7 @@ async fn backlog(store: Arc<dyn Store>, label: &str, full: bool) {
     const PLAN: usize = 1000;
     let tag = format!("bl{}", Uuid::new_v4().simple());
     let message_type = if full { MessageType::ResourcesChangedEvent } else { MessageType::ResourcesChangedLightEvent };
-    let (arrivals, _consumer) = consume(message_type, &tag).await;
+    let sink = EventSink::start(&tag).await;
     let writing = Instant::now();
     for p in 0..CHANGES / PLAN {
         let instructions: Vec<_> = (0..PLAN)
@@ -244,9 +186,9 @@ async fn backlog(store: Arc<dyn Store>, label: &str, full: bool) {
     let (stop, stopped) = watch::channel(false);
     let started = Instant::now();
     let publishing = tokio::spawn(publisher.clone().run(stopped));
-    wait_all(&arrivals, CHANGES, Duration::from_secs(300)).await;
+    wait_all(&sink, message_type, CHANGES, Duration::from_secs(300)).await;
     let drained_in = started.elapsed();
-    let received = arrivals.lock().unwrap().len();
+    let received = arrivals(&sink, message_type).len();
     println!(
         "{label:<10} backlog  {} {} events: {received} changes received in {:.2} s = {:.0} changes/s (writing them took {:.1} s)",
         CHANGES,

@@ -13,5 +13,6 @@ pub mod envelope;
 pub mod json;
 pub mod plan;
 pub mod publisher;
+pub mod shutdown;
 pub mod store;
 pub mod transport;

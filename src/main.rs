@@ -199,23 +199,6 @@ async fn connect_transport(settings: &Settings) -> anyhow::Result<Arc<dyn Transp
     }
 }
 
-/// Resolves when SIGTERM or SIGINT arrives; a second signal exits at once.
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-    let term = async move {
-        match term.as_mut() {
-            Some(t) => {
-                t.recv().await;
-            }
-            None => std::future::pending().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        _ = term => {},
-    }
-}
-
 async fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
     let settings = load(config.as_ref())?;
     let store = fhir_pubsub::store::open(&settings.store.url)
@@ -238,11 +221,11 @@ async fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
     let (stop, stopped) = watch::channel(false);
     let mut running = tokio::spawn(bridge.run(stopped));
     tokio::select! {
-        _ = shutdown_signal() => {
+        _ = fhir_pubsub::shutdown::signal() => {
             tracing::info!("shutting down: finishing the commands in flight (a second signal exits at once)");
             let _ = stop.send(true);
             tokio::spawn(async {
-                shutdown_signal().await;
+                fhir_pubsub::shutdown::signal().await;
                 std::process::exit(130);
             });
             running.await.context("the bridge task failed")??;

@@ -5,6 +5,7 @@
 //! tag of its own and keeps only the messages about them.
 
 mod common;
+mod event_sink;
 
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader};
@@ -12,142 +13,22 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use event_sink::{ChangeKey, EventSink, key_of};
 use fhir_pubsub::config::ResourceChangeNotificationSettings;
 use fhir_pubsub::contracts::read::{self, StorePlanMessage};
 use fhir_pubsub::contracts::{ChangeType, MessageType};
 use fhir_pubsub::plan::{PlanLimits, StoreJob, execute_store_plans, validate_store_plan};
 use fhir_pubsub::publisher::Publisher;
-use fhir_pubsub::store::{PendingChange, Store};
+use fhir_pubsub::store::Store;
+use fhir_pubsub::transport::Transport;
 use fhir_pubsub::transport::rabbitmq::{RabbitMqOptions, RabbitMqTransport};
-use fhir_pubsub::transport::{Transport, TransportMeta};
-use futures::StreamExt;
-use lapin::options::{BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
-use lapin::{Connection, ConnectionProperties, ExchangeKind};
 use serde_json::json;
 use tokio::sync::{Notify, watch};
 use uuid::Uuid;
 
-const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
-
-/// (Type/id, version, change type)
-type ChangeKey = (String, String, ChangeType);
-
-/// One event message as the consumer got it.
-#[derive(Debug, Clone)]
-struct Received {
-    message_type: MessageType,
-    message_id: Uuid,
-    changes: Vec<(ChangeKey, Option<String>)>,
-}
-
-/// A consumer of both event exchanges keeping the messages about resources whose id starts with `tag`.
-struct EventSink {
-    received: Arc<Mutex<Vec<Received>>>,
-    _connection: Connection,
-}
-
-impl EventSink {
-    async fn start(tag: &str) -> EventSink {
-        let connection = Connection::connect(AMQP, ConnectionProperties::default()).await.expect("RabbitMQ");
-        let channel = connection.create_channel().await.unwrap();
-        let queue = channel
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        for message_type in [MessageType::ResourcesChangedEvent, MessageType::ResourcesChangedLightEvent] {
-            let exchange = message_type.exchange();
-            channel
-                .exchange_declare(
-                    exchange.as_str().into(),
-                    ExchangeKind::Fanout,
-                    ExchangeDeclareOptions { durable: true, ..Default::default() },
-                    FieldTable::default(),
-                )
-                .await
-                .unwrap();
-            channel
-                .queue_bind(
-                    queue.name().clone(),
-                    exchange.as_str().into(),
-                    "".into(),
-                    QueueBindOptions::default(),
-                    FieldTable::default(),
-                )
-                .await
-                .unwrap();
-        }
-        let mut consumer = channel
-            .basic_consume(
-                queue.name().clone(),
-                "".into(),
-                BasicConsumeOptions { no_ack: true, ..Default::default() },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        let received = Arc::new(Mutex::new(Vec::new()));
-        let (sink, tag) = (received.clone(), tag.to_owned());
-        tokio::spawn(async move {
-            while let Some(Ok(delivery)) = consumer.next().await {
-                let envelope =
-                    fhir_pubsub::envelope::decode(&delivery.data, &TransportMeta::default()).expect("an envelope");
-                let message_type = envelope.message_kind().expect("a known event type");
-                let changes = read::changes(envelope.message.as_deref().expect("a message")).expect("changes");
-                if !changes.iter().any(|c| c.reference.resource_id.starts_with(&tag)) {
-                    continue;
-                }
-                let changes = changes
-                    .into_iter()
-                    .map(|c| {
-                        let key = format!("{}/{}", c.reference.resource_type, c.reference.resource_id);
-                        ((key, c.reference.version.unwrap_or_default(), c.change_type), c.resource)
-                    })
-                    .collect();
-                let message_id = envelope.message_id.expect("a messageId");
-                sink.lock().unwrap().push(Received { message_type, message_id, changes });
-            }
-        });
-        EventSink { received, _connection: connection }
-    }
-
-    fn messages(&self, message_type: MessageType) -> Vec<Received> {
-        self.received.lock().unwrap().iter().filter(|m| m.message_type == message_type).cloned().collect()
-    }
-
-    /// The changes of all messages of a type, in arrival order.
-    fn changes(&self, message_type: MessageType) -> Vec<(ChangeKey, Option<String>)> {
-        self.messages(message_type).into_iter().flat_map(|m| m.changes).collect()
-    }
-
-    /// Waits until both event types carried every change of `log` (at most `limit`).
-    async fn wait_for(&self, log: &[PendingChange], limit: Duration) {
-        let want: HashSet<ChangeKey> = log.iter().map(key_of).collect();
-        let started = Instant::now();
-        while started.elapsed() < limit {
-            let full: HashSet<ChangeKey> =
-                self.changes(MessageType::ResourcesChangedEvent).into_iter().map(|c| c.0).collect();
-            let light: HashSet<ChangeKey> =
-                self.changes(MessageType::ResourcesChangedLightEvent).into_iter().map(|c| c.0).collect();
-            if want.is_subset(&full) && want.is_subset(&light) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
 fn sorted(mut keys: Vec<ChangeKey>) -> Vec<ChangeKey> {
     keys.sort_by(|a, b| (&a.0, &a.1, a.2.as_str()).cmp(&(&b.0, &b.1, b.2.as_str())));
     keys
-}
-
-fn key_of(c: &PendingChange) -> ChangeKey {
-    (c.key.to_string(), c.version_id.clone(), c.change_type)
 }
 
 fn event_settings(batch: u32, polling_seconds: u64) -> ResourceChangeNotificationSettings {

@@ -680,7 +680,9 @@ proptest! {
         let mut seen = Vec::new();
         bind_exchanges.retain(|b| if seen.contains(b) { false } else { seen.push(b.clone()); true });
         let default_port = if scheme.ends_with('s') { 5671 } else { 5672 };
-        let vhost = vhost.filter(|v| v.trim() == v && !v.is_empty() && v != "/");
+        // "." and ".." are path navigation in a URL, never a vhost or an entity name.
+        let vhost = vhost.filter(|v| v.trim() == v && !v.is_empty() && !["/", ".", ".."].contains(&v.as_str()));
+        prop_assume!(![".", ".."].contains(&name.as_str()));
         let a = RabbitMqAddress {
             scheme: if host.is_some() { scheme.to_owned() } else { "exchange".to_owned() },
             port: if host.is_some() { port.filter(|p| *p != default_port) } else { None },

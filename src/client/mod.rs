@@ -276,7 +276,7 @@ pub async fn listen(
     let _ = writeln!(diag, "listening to `{exchange}`");
     let _ = diag.flush();
     let mut printed: u64 = 0;
-    let stop = stop_signal();
+    let stop = crate::shutdown::signal();
     tokio::pin!(stop);
     let exit = loop {
         if options.count.is_some_and(|n| printed >= n) {
@@ -477,23 +477,6 @@ fn write_out(out: &mut dyn Write, bytes: &[u8]) -> Result<(), ClientError> {
 fn say(diag: &mut dyn Write, exit: Exit, text: &str) -> Exit {
     let _ = writeln!(diag, "fhir-pubsub: {text}");
     exit
-}
-
-/// Resolves on SIGINT or SIGTERM.
-async fn stop_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-    let term = async move {
-        match term.as_mut() {
-            Some(t) => {
-                t.recv().await;
-            }
-            None => std::future::pending().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        _ = term => {},
-    }
 }
 
 #[cfg(test)]
