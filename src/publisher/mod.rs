@@ -290,10 +290,10 @@ impl Publisher {
             }
         }
         let done = &batches[..confirmed];
+        let changes: usize = done.iter().map(|b| b.changes.len()).sum();
         if !done.is_empty() {
             self.maybe_pause(PausePoint::AfterPublish).await;
             self.store.complete_batches(done).await?;
-            let changes: usize = done.iter().map(|b| b.changes.len()).sum();
             self.stats.changes_published.fetch_add(changes as u64, Ordering::Relaxed);
             if let Some(last) = done.iter().flat_map(|b| b.changes.iter().map(|c| c.seq)).max() {
                 self.stats.last_seq.fetch_max(last, Ordering::Relaxed);
@@ -302,7 +302,7 @@ impl Publisher {
         }
         match failure {
             Some(e) => Err(e),
-            None => Ok(done.iter().map(|b| b.changes.len()).sum()),
+            None => Ok(changes),
         }
     }
 

@@ -119,9 +119,11 @@ pub struct ChangeBatch {
 }
 
 impl ChangeBatch {
-    /// The log positions of the batch's changes, in publishing order.
-    pub fn seqs(&self) -> Vec<i64> {
-        self.changes.iter().map(|c| c.seq).collect()
+    /// The ids of `batches` and the log positions of all their changes: what completing them deletes.
+    pub(crate) fn ids_and_seqs(batches: &[ChangeBatch]) -> (Vec<i64>, Vec<i64>) {
+        let ids = batches.iter().map(|b| b.id).collect();
+        let seqs = batches.iter().flat_map(|b| b.changes.iter().map(|c| c.seq)).collect();
+        (ids, seqs)
     }
 }
 

@@ -238,8 +238,7 @@ impl Store for PostgresStore {
     }
 
     async fn complete_batches(&self, batches: &[ChangeBatch]) -> Result<(), StoreError> {
-        let ids: Vec<i64> = batches.iter().map(|b| b.id).collect();
-        let seqs: Vec<i64> = batches.iter().flat_map(|b| b.changes.iter().map(|c| c.seq)).collect();
+        let (ids, seqs) = ChangeBatch::ids_and_seqs(batches);
         let mut tx = self.publisher_pool.begin().await.map_err(classify)?;
         relaxed_commit(&mut tx).await?;
         sqlx::query("DELETE FROM pending_changes WHERE seq = ANY($1)")

@@ -282,8 +282,7 @@ impl Store for SqliteStore {
     }
 
     async fn complete_batches(&self, batches: &[ChangeBatch]) -> Result<(), StoreError> {
-        let ids: Vec<i64> = batches.iter().map(|b| b.id).collect();
-        let seqs: Vec<i64> = batches.iter().flat_map(|b| b.changes.iter().map(|c| c.seq)).collect();
+        let (ids, seqs) = ChangeBatch::ids_and_seqs(batches);
         let _guard = self.write_lock.lock().await;
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(classify)?;
         sqlx::query("DELETE FROM pending_changes WHERE seq IN (SELECT value FROM json_each(?))")
