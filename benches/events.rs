@@ -231,6 +231,12 @@ where
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
+    // `cargo test --all-targets` runs this binary too, without `--bench`: the figures take minutes, so
+    // only `cargo bench` measures.
+    if !std::env::args().any(|a| a == "--bench") {
+        eprintln!("events: a benchmark; run it with `cargo bench --bench events`");
+        return;
+    }
     let only = std::env::args().skip(1).find(|a| !a.starts_with('-'));
     for kind in ["sqlite", "postgres"] {
         if only.as_deref().is_some_and(|o| o != kind) {
