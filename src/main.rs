@@ -193,8 +193,22 @@ async fn connect_transport(settings: &Settings) -> anyhow::Result<Arc<dyn Transp
             let transport = RabbitMqTransport::connect(options).await.context("connecting to RabbitMQ")?;
             Ok(Arc::new(transport))
         }
+        #[cfg(feature = "kafka")]
+        BrokerType::Kafka => {
+            let events = &settings.pub_sub.resource_change_notifications;
+            let options = fhir_pubsub::transport::kafka::KafkaOptions::from_settings(
+                &settings.pub_sub.message_broker,
+                events.send_full_events,
+                events.send_light_events,
+            );
+            let transport =
+                fhir_pubsub::transport::kafka::KafkaTransport::connect(options).await.context("connecting to Kafka")?;
+            Ok(Arc::new(transport))
+        }
         other => {
-            anyhow::bail!("PubSub.MessageBroker.BrokerType {other:?} is not supported by this build yet; use RabbitMq")
+            anyhow::bail!(
+                "PubSub.MessageBroker.BrokerType {other:?} is not supported by this build yet; use RabbitMq or Kafka"
+            )
         }
     }
 }

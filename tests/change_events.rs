@@ -1,11 +1,14 @@
 //! Change events end to end: the publisher against the real RabbitMQ, on PostgreSQL and SQLite, with a
-//! consumer bound to the two event exchanges.
+//! consumer bound to the two event exchanges; and the committed-changes check again over Kafka (a
+//! tansu broker of the test's own).
 //!
 //! The event exchanges are shared by every bridge on the broker, so each test names its resources with a
 //! tag of its own and keeps only the messages about them.
 
 mod common;
 mod event_sink;
+#[cfg(feature = "kafka")]
+mod kafka_support;
 
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader};
@@ -156,11 +159,66 @@ async fn events_equal_the_committed_changes(store: &common::TestStore) {
     let tag = format!("t{}", Uuid::new_v4().simple());
     let sink = EventSink::start(&tag).await;
     let transport = rabbitmq_transport().await;
+    check_events_equal_the_committed_changes(store, transport, &sink, &tag).await;
+}
+both_stores!(committed_changes, events_equal_the_committed_changes);
+
+/// The same over Kafka (tansu, event topics of 3 partitions): besides, each record carries one
+/// resource's changes and is keyed by it, and one resource's records all share a partition.
+#[cfg(feature = "kafka")]
+async fn kafka_events_equal_the_committed_changes(store: &common::TestStore) {
+    use fhir_pubsub::transport::kafka::{KafkaOptions, KafkaTransport};
+    let tansu = kafka_support::Tansu::start().await;
+    let tag = format!("t{}", Uuid::new_v4().simple());
+    let (full, light) = (format!("{tag}.full"), format!("{tag}.light"));
+    let prefix = format!("{tag}.commands");
+    let commands = [
+        format!("{prefix}.ExecuteStorePlanCommand"),
+        format!("{prefix}.RetrievePlanCommand"),
+        format!("{prefix}.ExecuteStorePlanCommand.Errors"),
+    ];
+    tansu.create_topics(&[&full, &light], 3).await;
+    tansu.create_topics(&commands.iter().map(String::as_str).collect::<Vec<_>>(), 1).await;
+    let options = KafkaOptions {
+        bootstrap_servers: tansu.bootstrap(),
+        topic_prefix: prefix.clone(),
+        error_topic: commands[2].clone(),
+        full_event_topic: full.clone(),
+        light_event_topic: light.clone(),
+        full_events: true,
+        light_events: true,
+        ..KafkaOptions::default()
+    };
+    let transport: Arc<dyn Transport> = Arc::new(KafkaTransport::connect(options).await.expect("Kafka"));
+    let sink = EventSink::start_kafka(&tansu.bootstrap(), &full, &light, &tag).await;
+    check_events_equal_the_committed_changes(store, transport, &sink, &tag).await;
+    for message_type in [MessageType::ResourcesChangedEvent, MessageType::ResourcesChangedLightEvent] {
+        let mut partition_of: HashMap<String, i32> = HashMap::new();
+        for message in sink.messages(message_type) {
+            let key = message.key.clone().expect("a keyed record");
+            assert!(message.changes.iter().all(|c| c.0.0 == key), "{key}: a record mixes resources");
+            let partition = message.partition.expect("a partition");
+            assert_eq!(*partition_of.entry(key.clone()).or_insert(partition), partition, "{key}: two partitions");
+        }
+        let partitions: HashSet<i32> = partition_of.values().copied().collect();
+        assert!(partitions.len() > 1, "12 resources over 3 partitions use more than one: {partitions:?}");
+    }
+}
+#[cfg(feature = "kafka")]
+both_stores!(committed_changes_on_kafka, kafka_events_equal_the_committed_changes);
+
+/// Runs concurrent writers and checks the events `sink` got against the version log.
+async fn check_events_equal_the_committed_changes(
+    store: &common::TestStore,
+    transport: Arc<dyn Transport>,
+    sink: &EventSink,
+    tag: &str,
+) {
     let publisher = Arc::new(Publisher::new(store.store.clone(), transport.clone(), event_settings(5, 5)));
     let (stop, stopped) = watch::channel(false);
     let publishing = tokio::spawn(publisher.clone().run(stopped));
 
-    let failed = concurrent_writers(store.store.clone(), publisher.waker(), &tag).await;
+    let failed = concurrent_writers(store.store.clone(), publisher.waker(), tag).await;
     let log = store.version_log().await.unwrap();
     assert!(log.len() > 50, "the writers committed too little to prove anything: {}", log.len());
     assert!(!failed.is_empty(), "the test must roll plans back");
@@ -204,7 +262,6 @@ async fn events_equal_the_committed_changes(store: &common::TestStore) {
     assert_eq!(store.outbox_state().await.unwrap().pending, 0, "the outbox is empty once everything is confirmed");
     transport.close().await;
 }
-both_stores!(committed_changes, events_equal_the_committed_changes);
 
 /// A bridge process on a store, its stderr collected.
 struct BridgeProcess {

@@ -229,6 +229,17 @@ fn defaults_without_a_file() {
 }
 
 #[test]
+fn kafka_event_topics_default_to_names_kafka_accepts() {
+    let kafka = Settings::default().pub_sub.message_broker.kafka;
+    assert_eq!(kafka.resources_changed_event_topic_name, "Firely.Server.Contracts.Messages.V1.ResourcesChangedEvent");
+    assert_eq!(
+        kafka.resources_changed_light_event_topic_name,
+        "Firely.Server.Contracts.Messages.V1.ResourcesChangedLightEvent"
+    );
+    assert!(!kafka.create_topics, "topics are not created unless asked");
+}
+
+#[test]
 fn the_kafka_error_topic_follows_the_prefix() {
     let s = env_only(&[("FHIRPUBSUB_PubSub__MessageBroker__Kafka__TopicPrefix", "Cmds")]).unwrap();
     assert_eq!(
@@ -342,6 +353,21 @@ fn every_refusal_names_its_key() {
             r#"{"PubSub": {"MessageBroker": {"BrokerType": "Kafka", "Kafka": {"AuthenticationMechanism": "SaslPlain"}}}}"#,
             "PubSub.MessageBroker.Kafka.Username",
             "required",
+        ),
+        (
+            r#"{"PubSub": {"MessageBroker": {"BrokerType": "Kafka", "Kafka": {"ResourcesChangedEventTopicName": "Firely.Server.Contracts.Messages.V1:ResourcesChangedEvent"}}}}"#,
+            "PubSub.MessageBroker.Kafka.ResourcesChangedEventTopicName",
+            "not `:`",
+        ),
+        (
+            r#"{"PubSub": {"MessageBroker": {"BrokerType": "Kafka", "Kafka": {"TopicPrefix": "Firely Commands"}}}}"#,
+            "PubSub.MessageBroker.Kafka.TopicPrefix",
+            "not ` `",
+        ),
+        (
+            r#"{"PubSub": {"MessageBroker": {"BrokerType": "Kafka", "Kafka": {"CreateTopicPartitions": 0}}}}"#,
+            "PubSub.MessageBroker.Kafka.CreateTopicPartitions",
+            "at least 1",
         ),
         (
             r#"{"PubSub": {"MessageBroker": {"Kafka": {"AuthenticationMechanism": "Kerberos"}}}}"#,

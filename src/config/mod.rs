@@ -322,10 +322,11 @@ pub struct KafkaSettings {
     /// SASL password. Default none.
     #[serde(deserialize_with = "lenient::opt_string")]
     pub password: Option<String>,
-    /// PEM CA file; setting it turns TLS on. Default none.
+    /// PEM file of the CAs trusted for the brokers; setting it turns TLS on. Default none.
     #[serde(deserialize_with = "lenient::opt_string")]
     pub ca_location: Option<String>,
-    /// PKCS#12 keystore with the client certificate, for mutual TLS (with `CaLocation`). Default none.
+    /// PKCS#12 keystore with the client certificate and key, for mutual TLS; setting it turns TLS on
+    /// too (the server is then checked against `CaLocation`, or the system's CAs). Default none.
     #[serde(deserialize_with = "lenient::opt_string")]
     pub keystore_location: Option<String>,
     /// Password of `KeystoreLocation`. Default none.
@@ -335,6 +336,22 @@ pub struct KafkaSettings {
     /// `<TopicPrefix>.ExecuteStorePlanCommand.Errors`.
     #[serde(deserialize_with = "lenient::opt_string")]
     pub execute_store_plan_command_error_topic_name: Option<String>,
+    /// Ours: the topic of `ResourcesChangedEvent`. Default
+    /// `Firely.Server.Contracts.Messages.V1.ResourcesChangedEvent` (Kafka topic names cannot hold `:`).
+    #[serde(deserialize_with = "lenient::string")]
+    pub resources_changed_event_topic_name: String,
+    /// Ours: the topic of `ResourcesChangedLightEvent`. Default
+    /// `Firely.Server.Contracts.Messages.V1.ResourcesChangedLightEvent`.
+    #[serde(deserialize_with = "lenient::string")]
+    pub resources_changed_light_event_topic_name: String,
+    /// Ours: create the topics the bridge needs (command, error and enabled event topics) when they
+    /// are missing, with `CreateTopicPartitions` partitions and the broker's default replication.
+    /// Default false: a missing topic stops the bridge at start with the command that creates it.
+    #[serde(deserialize_with = "lenient::boolean")]
+    pub create_topics: bool,
+    /// Ours: partitions of a topic made by `CreateTopics`. Default 1.
+    #[serde(deserialize_with = "lenient::int")]
+    pub create_topic_partitions: u32,
 }
 
 impl Default for KafkaSettings {
@@ -351,6 +368,13 @@ impl Default for KafkaSettings {
             keystore_location: None,
             keystore_password: None,
             execute_store_plan_command_error_topic_name: None,
+            resources_changed_event_topic_name: format!("{}.ResourcesChangedEvent", crate::contracts::NAMESPACE),
+            resources_changed_light_event_topic_name: format!(
+                "{}.ResourcesChangedLightEvent",
+                crate::contracts::NAMESPACE
+            ),
+            create_topics: false,
+            create_topic_partitions: 1,
         }
     }
 }
@@ -643,6 +667,18 @@ impl Settings {
                     format!("{key}.KeystorePassword"),
                     "is required with KeystoreLocation",
                 ));
+            }
+            at_least_one(&format!("{key}.CreateTopicPartitions"), kafka.create_topic_partitions.into())?;
+            let topics = [
+                ("ExecuteStorePlanCommandErrorTopicName", kafka.error_topic_name()),
+                ("ResourcesChangedEventTopicName", kafka.resources_changed_event_topic_name.clone()),
+                ("ResourcesChangedLightEventTopicName", kafka.resources_changed_light_event_topic_name.clone()),
+                ("TopicPrefix", format!("{}.ExecuteStorePlanCommand", kafka.topic_prefix)),
+            ];
+            for (name, topic) in topics {
+                if let Err(e) = crate::envelope::KafkaAddress::parse(&format!("topic:{topic}")) {
+                    return Err(ConfigError::invalid(format!("{key}.{name}"), e.to_string()));
+                }
             }
         }
 

@@ -15,6 +15,7 @@
 
 pub mod events;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -23,7 +24,7 @@ use tokio::sync::{Notify, watch};
 
 use crate::config::ResourceChangeNotificationSettings;
 use crate::contracts::MessageType;
-use crate::store::{ChangeBatch, PendingChange, PublisherLease, Store, StoreError};
+use crate::store::{ChangeBatch, PendingChange, PublisherLease, ResourceKey, Store, StoreError};
 use crate::transport::{Transport, TransportError};
 
 /// Batches claimed at once, at least: more amortise the outbox read, fewer keep repeats after a crash small.
@@ -313,6 +314,9 @@ impl Publisher {
             return Ok(());
         }
         let source = self.transport.input_address();
+        if self.transport.events_keyed_by_resource() {
+            return self.publish_per_resource(&changes, &source).await;
+        }
         if self.settings.send_full_events {
             let message = events::full_event(&changes);
             let outgoing = events::outgoing(MessageType::ResourcesChangedEvent, &message, &changes, &source)?;
@@ -325,6 +329,44 @@ impl Publisher {
             self.transport.publish(MessageType::ResourcesChangedLightEvent, outgoing).await?;
             self.stats.messages_published.fetch_add(1, Ordering::Relaxed);
         }
+        Ok(())
+    }
+
+    /// Publishes a batch as one message per resource and event type, keyed `Type/id`, each with
+    /// that resource's changes in log order. The messages go out together: each key occurs once in
+    /// the batch, and batches go one after the other, so every resource's events stay in order.
+    async fn publish_per_resource(&self, changes: &[&PendingChange], source: &str) -> Result<(), PublishError> {
+        let mut groups: Vec<Vec<&PendingChange>> = Vec::new();
+        let mut group_of: HashMap<&ResourceKey, usize> = HashMap::new();
+        for change in changes {
+            let index = *group_of.entry(&change.key).or_insert_with(|| {
+                groups.push(Vec::new());
+                groups.len() - 1
+            });
+            groups[index].push(change);
+        }
+        let mut messages = Vec::new();
+        for group in &groups {
+            let key = group[0].key.to_string();
+            if self.settings.send_full_events {
+                let message = events::full_event(group);
+                let mut outgoing = events::outgoing(MessageType::ResourcesChangedEvent, &message, group, source)?;
+                outgoing.key = Some(key.clone());
+                messages.push((MessageType::ResourcesChangedEvent, outgoing));
+            }
+            if self.settings.send_light_events {
+                let message = events::light_event(group);
+                let mut outgoing = events::outgoing(MessageType::ResourcesChangedLightEvent, &message, group, source)?;
+                outgoing.key = Some(key);
+                messages.push((MessageType::ResourcesChangedLightEvent, outgoing));
+            }
+        }
+        let count = messages.len() as u64;
+        futures::future::try_join_all(
+            messages.into_iter().map(|(message_type, outgoing)| self.transport.publish(message_type, outgoing)),
+        )
+        .await?;
+        self.stats.messages_published.fetch_add(count, Ordering::Relaxed);
         Ok(())
     }
 

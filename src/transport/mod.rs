@@ -5,6 +5,8 @@
 //! confirmed the message (publisher confirms, `acks=all`, or a settled AMQP transfer), so a caller
 //! that acknowledges a delivery after `send` returned never loses the reply.
 
+#[cfg(feature = "kafka")]
+pub mod kafka;
 #[cfg(feature = "rabbitmq")]
 pub mod rabbitmq;
 
@@ -109,6 +111,13 @@ pub trait Transport: Send + Sync {
     async fn send(&self, address: &str, message: OutgoingMessage) -> Result<(), TransportError>;
     /// Publishes an event of `message_type` to its destination and waits for the broker's confirm.
     async fn publish(&self, message_type: MessageType, message: OutgoingMessage) -> Result<(), TransportError>;
+    /// Whether each change event must carry the changes of one resource only, keyed `Type/id`
+    /// ([`OutgoingMessage::key`]). True on Kafka: the key picks the partition and only a partition
+    /// keeps order, so one resource's events stay in order only if each message names one resource.
+    /// Such a transport keeps the order of messages with the same key however many are in flight.
+    fn events_keyed_by_resource(&self) -> bool {
+        false
+    }
     /// The bridge's own input address (`rabbitmq://host/FirelyServer`), written as `sourceAddress`.
     fn input_address(&self) -> String;
     /// Whether the broker connection is up now.

@@ -30,12 +30,51 @@ pub struct Received {
     /// When the consumer got it.
     pub arrived_at: chrono::DateTime<chrono::Utc>,
     pub changes: Vec<(ChangeKey, Option<String>)>,
+    /// The Kafka record's key and partition (RabbitMQ messages have neither).
+    pub key: Option<String>,
+    pub partition: Option<i32>,
 }
 
 /// A consumer of both event exchanges keeping the messages about resources whose id starts with `tag`.
 pub struct EventSink {
     received: Arc<Mutex<Vec<Received>>>,
-    _connection: Connection,
+    _connection: Option<Connection>,
+    consumer_task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for EventSink {
+    fn drop(&mut self) {
+        if let Some(task) = self.consumer_task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// Keeps an event message if it is about a resource tagged `tag`.
+fn keep(
+    sink: &Mutex<Vec<Received>>,
+    tag: &str,
+    body: &[u8],
+    meta: &TransportMeta,
+    key: Option<String>,
+    partition: Option<i32>,
+) {
+    let arrived_at = chrono::Utc::now();
+    let envelope = fhir_pubsub::envelope::decode(body, meta).expect("an envelope or a bare event");
+    let message_type = envelope.message_kind().expect("a known event type");
+    let changes = read::changes(envelope.message.as_deref().expect("a message")).expect("changes");
+    if !changes.iter().any(|c| c.reference.resource_id.starts_with(tag)) {
+        return;
+    }
+    let changes = changes
+        .into_iter()
+        .map(|c| {
+            let key = format!("{}/{}", c.reference.resource_type, c.reference.resource_id);
+            ((key, c.reference.version.unwrap_or_default(), c.change_type), c.resource)
+        })
+        .collect();
+    let message_id = envelope.message_id.expect("a messageId");
+    sink.lock().unwrap().push(Received { message_type, message_id, arrived_at, changes, key, partition });
 }
 
 impl EventSink {
@@ -83,28 +122,59 @@ impl EventSink {
             .unwrap();
         let received = Arc::new(Mutex::new(Vec::new()));
         let (sink, tag) = (received.clone(), tag.to_owned());
-        tokio::spawn(async move {
+        let consumer_task = tokio::spawn(async move {
             while let Some(Ok(delivery)) = consumer.next().await {
-                let arrived_at = chrono::Utc::now();
-                let envelope =
-                    fhir_pubsub::envelope::decode(&delivery.data, &TransportMeta::default()).expect("an envelope");
-                let message_type = envelope.message_kind().expect("a known event type");
-                let changes = read::changes(envelope.message.as_deref().expect("a message")).expect("changes");
-                if !changes.iter().any(|c| c.reference.resource_id.starts_with(&tag)) {
-                    continue;
-                }
-                let changes = changes
-                    .into_iter()
-                    .map(|c| {
-                        let key = format!("{}/{}", c.reference.resource_type, c.reference.resource_id);
-                        ((key, c.reference.version.unwrap_or_default(), c.change_type), c.resource)
-                    })
-                    .collect();
-                let message_id = envelope.message_id.expect("a messageId");
-                sink.lock().unwrap().push(Received { message_type, message_id, arrived_at, changes });
+                keep(&sink, &tag, &delivery.data, &TransportMeta::default(), None, None);
             }
         });
-        EventSink { received, _connection: connection }
+        EventSink { received, _connection: Some(connection), consumer_task: Some(consumer_task) }
+    }
+
+    /// A consumer of the two Kafka event topics (from their start), keeping the records about
+    /// resources whose id starts with `tag`, with their keys and partitions.
+    #[cfg(feature = "kafka")]
+    pub async fn start_kafka(bootstrap: &str, full_topic: &str, light_topic: &str, tag: &str) -> EventSink {
+        use rdkafka::consumer::{Consumer, StreamConsumer};
+        use rdkafka::message::{Headers, Message};
+        let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .set("group.id", format!("event-sink-{}", Uuid::new_v4().simple()))
+            .set("auto.offset.reset", "earliest")
+            .set("enable.auto.commit", "false")
+            .create()
+            .expect("Kafka consumer");
+        consumer.subscribe(&[full_topic, light_topic]).expect("subscribe");
+        let types = [
+            (full_topic.to_owned(), MessageType::ResourcesChangedEvent),
+            (light_topic.to_owned(), MessageType::ResourcesChangedLightEvent),
+        ];
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let (sink, tag) = (received.clone(), tag.to_owned());
+        let consumer_task = tokio::spawn(async move {
+            loop {
+                let Ok(record) = consumer.recv().await else {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                };
+                let headers = record
+                    .headers()
+                    .map(|h| {
+                        h.iter()
+                            .map(|h| {
+                                let value =
+                                    h.value.map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default();
+                                (h.key.to_owned(), serde_json::Value::String(value))
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let type_hint = types.iter().find(|(t, _)| t == record.topic()).map(|(_, m)| *m);
+                let meta = TransportMeta { headers, type_hint, ..TransportMeta::default() };
+                let key = record.key().map(|k| String::from_utf8_lossy(k).into_owned());
+                keep(&sink, &tag, record.payload().unwrap_or_default(), &meta, key, Some(record.partition()));
+            }
+        });
+        EventSink { received, _connection: None, consumer_task: Some(consumer_task) }
     }
 
     pub fn messages(&self, message_type: MessageType) -> Vec<Received> {

@@ -1,0 +1,231 @@
+//! Test support for Kafka: a tansu broker of the test's own on a free loopback port, topics, and
+//! a consumer that collects records with their keys and headers.
+//!
+//! tansu is installed by `scripts/services --kafka` into `${FHIR_PUBSUB_CACHE:-~/.cache/fhir-pubsub}/tansu`
+//! (or named by FHIR_PUBSUB_TANSU). It keeps its data in memory (`--storage-engine memory://tansu/`),
+//! so a restarted broker starts empty; it does not create topics on its own.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::Value;
+
+/// The tansu binary: FHIR_PUBSUB_TANSU, else the cache `scripts/services --kafka` installs into.
+pub fn tansu_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("FHIR_PUBSUB_TANSU") {
+        return PathBuf::from(path);
+    }
+    let cache = std::env::var_os("FHIR_PUBSUB_CACHE").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache").join("fhir-pubsub")
+    });
+    let binary = cache.join("tansu").join("bin").join("tansu");
+    assert!(binary.exists(), "{} is missing: run scripts/services --kafka", binary.display());
+    binary
+}
+
+/// A tansu broker on 127.0.0.1; killed (by its PID) when dropped.
+pub struct Tansu {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().unwrap().port()
+}
+
+impl Tansu {
+    pub async fn start() -> Tansu {
+        let mut tansu = Tansu { port: free_port(), child: None };
+        tansu.launch().await;
+        tansu
+    }
+
+    async fn launch(&mut self) {
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let child = Command::new(tansu_binary())
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["--storage-engine", "memory://tansu/", "--cluster-id", "fhir-pubsub-test"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("tansu starts");
+        self.child = Some(child);
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("tansu did not listen on 127.0.0.1:{}", self.port);
+    }
+
+    pub fn bootstrap(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the broker (SIGKILL); its in-memory data goes with it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the broker again on the same port.
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.launch().await;
+    }
+
+    pub fn client_config(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", self.bootstrap());
+        config
+    }
+
+    /// Creates topics (tansu does not create them on its own).
+    pub async fn create_topics(&self, topics: &[&str], partitions: i32) {
+        let admin: AdminClient<DefaultClientContext> = self.client_config().create().expect("admin client");
+        let new: Vec<NewTopic<'_>> =
+            topics.iter().map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1))).collect();
+        let results = admin.create_topics(&new, &AdminOptions::new()).await.expect("create topics");
+        for result in results {
+            result.unwrap_or_else(|(topic, code)| panic!("creating {topic}: {code}"));
+        }
+    }
+
+    pub fn producer(&self) -> FutureProducer {
+        self.client_config().set("enable.idempotence", "true").create().expect("producer")
+    }
+}
+
+impl Drop for Tansu {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Produces one record and waits for its acknowledgement.
+pub async fn produce(
+    producer: &FutureProducer,
+    topic: &str,
+    key: Option<&str>,
+    value: &[u8],
+    headers: &[(&str, &str)],
+) {
+    let mut owned = OwnedHeaders::new();
+    for (k, v) in headers {
+        owned = owned.insert(Header { key: k, value: Some(*v) });
+    }
+    let mut record = FutureRecord::<str, [u8]>::to(topic).payload(value).headers(owned);
+    if let Some(key) = key {
+        record = record.key(key);
+    }
+    producer.send(record, Duration::from_secs(30)).await.map_err(|(e, _)| e).expect("record acknowledged");
+}
+
+/// A record as a test reads it.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub topic: String,
+    pub partition: i32,
+    pub key: Option<String>,
+    pub value: Vec<u8>,
+    pub headers: Vec<(String, String)>,
+}
+
+impl Record {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.value).unwrap_or(Value::Null)
+    }
+}
+
+/// Collects every record of some topics, from their beginning, in arrival order.
+pub struct Collector {
+    records: Arc<Mutex<Vec<Record>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Collector {
+    pub async fn start(tansu: &Tansu, topics: &[&str]) -> Collector {
+        let consumer: StreamConsumer = tansu
+            .client_config()
+            .set("group.id", format!("collector-{}", uuid::Uuid::new_v4().simple()))
+            .set("auto.offset.reset", "earliest")
+            .set("enable.auto.commit", "false")
+            .create()
+            .expect("consumer");
+        consumer.subscribe(topics).expect("subscribe");
+        let records = Arc::new(Mutex::new(Vec::new()));
+        let sink = records.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                match consumer.recv().await {
+                    Ok(m) => {
+                        let headers = m
+                            .headers()
+                            .map(|h| {
+                                h.iter()
+                                    .map(|h| {
+                                        (
+                                            h.key.to_owned(),
+                                            h.value
+                                                .map(|v| String::from_utf8_lossy(v).into_owned())
+                                                .unwrap_or_default(),
+                                        )
+                                    })
+                                    .collect()
+                            })
+                            .unwrap_or_default();
+                        sink.lock().unwrap().push(Record {
+                            topic: m.topic().to_owned(),
+                            partition: m.partition(),
+                            key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                            value: m.payload().unwrap_or_default().to_vec(),
+                            headers,
+                        });
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+        Collector { records, task }
+    }
+
+    pub fn records(&self, topic: &str) -> Vec<Record> {
+        self.records.lock().unwrap().iter().filter(|r| r.topic == topic).cloned().collect()
+    }
+
+    /// Waits until `topic` holds at least `count` records (at most 60 s); returns them all.
+    pub async fn wait_for(&self, topic: &str, count: usize) -> Vec<Record> {
+        for _ in 0..1200 {
+            let records = self.records(topic);
+            if records.len() >= count {
+                return records;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.records(topic)
+    }
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
