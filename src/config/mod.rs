@@ -669,11 +669,12 @@ impl Settings {
                 ));
             }
             at_least_one(&format!("{key}.CreateTopicPartitions"), kafka.create_topic_partitions.into())?;
+            // The prefix first: the default error topic is derived from it.
             let topics = [
+                ("TopicPrefix", format!("{}.ExecuteStorePlanCommand", kafka.topic_prefix)),
                 ("ExecuteStorePlanCommandErrorTopicName", kafka.error_topic_name()),
                 ("ResourcesChangedEventTopicName", kafka.resources_changed_event_topic_name.clone()),
                 ("ResourcesChangedLightEventTopicName", kafka.resources_changed_light_event_topic_name.clone()),
-                ("TopicPrefix", format!("{}.ExecuteStorePlanCommand", kafka.topic_prefix)),
             ];
             for (name, topic) in topics {
                 if let Err(e) = crate::envelope::KafkaAddress::parse(&format!("topic:{topic}")) {
