@@ -289,7 +289,9 @@ async fn bad_input_goes_to_the_error_topic_or_a_reply_and_consumption_goes_on() 
     }
     let huge = json!({"instructions": [], "pad": "x".repeat(100 * 1024)}).to_string();
     let bad_plan_request = Uuid::new_v4().to_string();
-    let cases: Vec<(&str, Vec<u8>, Vec<(&str, String)>, Expect)> = vec![
+    /// What is sent, the record's value and headers, and what it gets.
+    type Case<'a> = (&'a str, Vec<u8>, Vec<(&'a str, String)>, Expect);
+    let cases: Vec<Case> = vec![
         ("invalid JSON", b"{\"instructions\": [".to_vec(), vec![], Expect::Error("not valid JSON")),
         ("invalid UTF-8", vec![b'{', 0xff, 0xfe, b'}'], vec![], Expect::Error("UTF-8")),
         (
