@@ -2,8 +2,9 @@
 //! a consumer that collects records with their keys and headers.
 //!
 //! tansu is installed by `scripts/services --kafka` into `${FHIR_PUBSUB_CACHE:-~/.cache/fhir-pubsub}/tansu`
-//! (or named by FHIR_PUBSUB_TANSU). It keeps its data in memory (`--storage-engine memory://tansu/`),
-//! so a restarted broker starts empty; it does not create topics on its own.
+//! (or named by FHIR_PUBSUB_TANSU). It keeps its data in memory (`--storage-engine memory://tansu/`)
+//! or, for restart tests, in an S3 emulator (moto) of the test's own; it does not create topics
+//! on its own.
 #![allow(dead_code)]
 
 use std::net::TcpListener;
@@ -19,6 +20,12 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::Value;
+
+/// Sends the bridge's logs to the test's output, filtered by RUST_LOG (default: warnings).
+pub fn init_logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
+    let _ = tracing_subscriber::fmt().with_test_writer().with_env_filter(filter).try_init();
+}
 
 /// The tansu binary: FHIR_PUBSUB_TANSU, else the cache `scripts/services --kafka` installs into.
 pub fn tansu_binary() -> PathBuf {
@@ -37,6 +44,56 @@ pub fn tansu_binary() -> PathBuf {
 pub struct Tansu {
     pub port: u16,
     child: Option<Child>,
+    /// The S3 emulator keeping the broker's data across restarts, if any.
+    storage: Option<S3Emulator>,
+}
+
+/// moto's S3 server (an emulator of S3, installed by `scripts/services --kafka`) on a free loopback
+/// port, with the bucket `tansu`: storage that outlives a tansu process, so that a restarted
+/// broker comes back with its topics, records, committed offsets and producer state. Killed (by
+/// its PID) when dropped.
+struct S3Emulator {
+    port: u16,
+    child: Child,
+}
+
+impl S3Emulator {
+    async fn start() -> S3Emulator {
+        let port = free_port();
+        let child = Command::new("moto_server")
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("moto_server starts (scripts/services --kafka installs it)");
+        let emulator = S3Emulator { port, child };
+        for _ in 0..200 {
+            if emulator.create_bucket().is_ok() {
+                return emulator;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("moto_server did not answer on 127.0.0.1:{port}");
+    }
+
+    /// `PUT /tansu`: creates the bucket tansu writes to.
+    fn create_bucket(&self) -> std::io::Result<()> {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.port))?;
+        stream
+            .write_all(b"PUT /tansu HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        if response.starts_with("HTTP/1.1 200") { Ok(()) } else { Err(std::io::Error::other(response)) }
+    }
+}
+
+impl Drop for S3Emulator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 fn free_port() -> u16 {
@@ -44,22 +101,44 @@ fn free_port() -> u16 {
 }
 
 impl Tansu {
+    /// A broker keeping its data in memory (gone when it stops).
     pub async fn start() -> Tansu {
-        let mut tansu = Tansu { port: free_port(), child: None };
+        init_logs();
+        let mut tansu = Tansu { port: free_port(), child: None, storage: None };
+        tansu.launch().await;
+        tansu
+    }
+
+    /// A broker keeping its data in an S3 emulator of its own, so that it survives [`Tansu::restart`].
+    pub async fn start_persistent() -> Tansu {
+        init_logs();
+        let storage = S3Emulator::start().await;
+        let mut tansu = Tansu { port: free_port(), child: None, storage: Some(storage) };
         tansu.launch().await;
         tansu
     }
 
     async fn launch(&mut self) {
         let url = format!("tcp://127.0.0.1:{}", self.port);
-        let child = Command::new(tansu_binary())
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
-            .args(["--storage-engine", "memory://tansu/", "--cluster-id", "fhir-pubsub-test"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("tansu starts");
+        let mut command = Command::new(tansu_binary());
+        command.args(["broker", "--listener-url", &url, "--advertised-listener-url", &url]);
+        command.args(["--cluster-id", "fhir-pubsub-test"]);
+        match &self.storage {
+            None => {
+                command.args(["--storage-engine", "memory://tansu/"]);
+            }
+            Some(s3) => {
+                command
+                    .args(["--storage-engine", "s3://tansu/"])
+                    .env("AWS_ENDPOINT", format!("http://127.0.0.1:{}", s3.port))
+                    .env("AWS_ALLOW_HTTP", "true")
+                    .env("AWS_ACCESS_KEY_ID", "test")
+                    .env("AWS_SECRET_ACCESS_KEY", "test")
+                    .env("AWS_DEFAULT_REGION", "us-east-1");
+            }
+        }
+        let child =
+            command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("tansu starts");
         self.child = Some(child);
         for _ in 0..200 {
             if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
@@ -74,7 +153,7 @@ impl Tansu {
         format!("127.0.0.1:{}", self.port)
     }
 
-    /// Kills the broker (SIGKILL); its in-memory data goes with it.
+    /// Kills the broker (SIGKILL); in-memory data goes with it, data in the S3 emulator stays.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();

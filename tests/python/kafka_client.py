@@ -36,7 +36,14 @@ def main():
         "instructions": [
             {
                 "itemId": "python-1",
-                "resource": json.dumps({"resourceType": "Patient", "id": patient_id, "active": True}),
+                "resource": json.dumps(
+                    {
+                        "resourceType": "Patient",
+                        "id": patient_id,
+                        "meta": {"versionId": "1", "lastUpdated": "2024-01-01T00:00:00Z"},
+                        "active": True,
+                    }
+                ),
                 "resourceType": "Patient",
                 "resourceId": patient_id,
                 "currentVersion": None,
