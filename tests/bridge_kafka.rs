@@ -416,6 +416,33 @@ async fn missing_topics_are_named_at_start_and_created_when_allowed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sasl_credentials_reach_the_broker_and_a_refusal_is_reported_at_start() {
+    // tansu with --authentication knows no user here (its users are created through an
+    // authenticated connection): the SCRAM exchange runs and the broker answers unknown-user.
+    let tansu = Tansu::start_authenticating().await;
+    let options = KafkaOptions {
+        sasl: Some(fhir_pubsub::transport::kafka::Sasl::ScramSha256 {
+            username: "bridge".into(),
+            password: "pw-not-to-be-logged".into(),
+        }),
+        ..Topics::new().options(&tansu)
+    };
+    let error = KafkaTransport::connect(options).await.expect_err("no such user");
+    let TransportError::Refused(message) = &error else { panic!("not a refusal: {error}") };
+    assert!(message.contains("SASL authentication") && message.contains("SCRAM"), "{message}");
+    assert!(!message.contains("pw-not-to-be-logged"), "{message}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unreachable_broker_is_reported_at_start_as_unavailable() {
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let options = KafkaOptions { bootstrap_servers: format!("127.0.0.1:{free}"), ..KafkaOptions::default() };
+    let error = KafkaTransport::connect(options).await.expect_err("nothing listens there");
+    assert!(error.is_retryable(), "{error}");
+    assert!(error.to_string().contains(&format!("127.0.0.1:{free}")), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_python_confluent_kafka_client_gets_its_reply_and_events() {
     let tansu = Tansu::start().await;
     let run = start(&tansu, common::Kind::Sqlite).await;

@@ -46,6 +46,8 @@ pub struct Tansu {
     child: Option<Child>,
     /// The S3 emulator keeping the broker's data across restarts, if any.
     storage: Option<S3Emulator>,
+    /// Whether clients must authenticate (SASL).
+    authentication: bool,
 }
 
 /// moto's S3 server (an emulator of S3, installed by `scripts/services --kafka`) on a free loopback
@@ -104,7 +106,15 @@ impl Tansu {
     /// A broker keeping its data in memory (gone when it stops).
     pub async fn start() -> Tansu {
         init_logs();
-        let mut tansu = Tansu { port: free_port(), child: None, storage: None };
+        let mut tansu = Tansu { port: free_port(), child: None, storage: None, authentication: false };
+        tansu.launch().await;
+        tansu
+    }
+
+    /// A broker (data in memory) that requires SASL authentication; it knows no user.
+    pub async fn start_authenticating() -> Tansu {
+        init_logs();
+        let mut tansu = Tansu { port: free_port(), child: None, storage: None, authentication: true };
         tansu.launch().await;
         tansu
     }
@@ -113,7 +123,7 @@ impl Tansu {
     pub async fn start_persistent() -> Tansu {
         init_logs();
         let storage = S3Emulator::start().await;
-        let mut tansu = Tansu { port: free_port(), child: None, storage: Some(storage) };
+        let mut tansu = Tansu { port: free_port(), child: None, storage: Some(storage), authentication: false };
         tansu.launch().await;
         tansu
     }
@@ -123,6 +133,9 @@ impl Tansu {
         let mut command = Command::new(tansu_binary());
         command.args(["broker", "--listener-url", &url, "--advertised-listener-url", &url]);
         command.args(["--cluster-id", "fhir-pubsub-test"]);
+        if self.authentication {
+            command.arg("--authentication");
+        }
         match &self.storage {
             None => {
                 command.args(["--storage-engine", "memory://tansu/"]);

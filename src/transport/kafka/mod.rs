@@ -77,6 +77,8 @@ pub(crate) struct Inner {
     input_address: String,
     /// Whether the last check reached a broker.
     connected: Arc<AtomicBool>,
+    /// What librdkafka last reported about a failed connection (refused, TLS, SASL).
+    last_failure: Arc<Mutex<Option<String>>>,
     /// Topics known to exist (reply topics are checked once before the first send).
     known_topics: Mutex<HashSet<String>>,
     consumers: Mutex<Vec<Arc<CommandConsumer>>>,
@@ -88,15 +90,19 @@ pub(crate) struct Inner {
 /// One consumer of the command topics, with the offsets it has handed out.
 pub(crate) type CommandConsumer = StreamConsumer<ConsumerState>;
 
-/// Client context: turns "all brokers down" into `is_connected() == false` and logs the rest.
+/// Client context: turns "all brokers down" into `is_connected() == false`, keeps the last
+/// connection or authentication failure for the error at start, and logs them.
 pub(crate) struct BrokerContext {
     connected: Arc<AtomicBool>,
+    last_failure: Arc<Mutex<Option<String>>>,
 }
 
 impl ClientContext for BrokerContext {
     fn error(&self, error: KafkaError, reason: &str) {
         if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
             self.connected.store(false, Ordering::Relaxed);
+        } else {
+            *self.last_failure.lock().unwrap_or_else(PoisonError::into_inner) = Some(reason.to_owned());
         }
         tracing::warn!(error = %error, reason, "Kafka client error");
     }
@@ -143,7 +149,9 @@ impl KafkaTransport {
     /// [`TransportError::Unavailable`] when no broker answers.
     pub async fn connect(options: KafkaOptions) -> Result<Self, TransportError> {
         let connected = Arc::new(AtomicBool::new(false));
-        let producer = new_producer(&options, &connected)?;
+        let last_failure = Arc::new(Mutex::new(None));
+        let context = BrokerContext { connected: connected.clone(), last_failure: last_failure.clone() };
+        let producer = new_producer(&options, context)?;
         let input_address = format!(
             "kafka://{}/{}",
             options.bootstrap_servers.split(',').next().unwrap_or_default().trim(),
@@ -155,6 +163,7 @@ impl KafkaTransport {
             producer: RwLock::new(producer),
             input_address,
             connected,
+            last_failure,
             known_topics: Mutex::new(HashSet::new()),
             consumers: Mutex::new(Vec::new()),
             tasks: Mutex::new(Vec::new()),
@@ -193,10 +202,7 @@ impl Transport for KafkaTransport {
         let topic_names: Vec<&str> = topics.iter().map(String::as_str).collect();
         for index in 0..self.inner.options.consumers.max(1) {
             let tracker = Arc::new(OffsetTracker::default());
-            let context = ConsumerState {
-                broker: BrokerContext { connected: self.inner.connected.clone() },
-                tracker: tracker.clone(),
-            };
+            let context = ConsumerState { broker: self.inner.broker_context(), tracker: tracker.clone() };
             let consumer: CommandConsumer = self
                 .inner
                 .options
@@ -301,6 +307,10 @@ impl Transport for KafkaTransport {
 }
 
 impl Inner {
+    fn broker_context(&self) -> BrokerContext {
+        BrokerContext { connected: self.connected.clone(), last_failure: self.last_failure.clone() }
+    }
+
     fn first_bootstrap(&self) -> &str {
         self.options.bootstrap_servers.split(',').next().unwrap_or_default().trim()
     }
@@ -349,7 +359,7 @@ impl Inner {
         if !std::ptr::eq(failed.client(), current.client()) {
             return; // another send replaced it already
         }
-        match new_producer(&self.options, &self.connected) {
+        match new_producer(&self.options, self.broker_context()) {
             Ok(fresh) => {
                 tracing::warn!(error = %code, reason, "the Kafka producer failed fatally; replaced by a new one");
                 *current = fresh;
@@ -390,10 +400,18 @@ impl Inner {
         .await
         .map_err(|e| TransportError::Unavailable(format!("reading the Kafka topics failed: {e}")))?
         .map_err(|e| {
-            TransportError::Unavailable(format!(
-                "cannot read the topics of the Kafka cluster at {}: {e}",
+            let failure = self.last_failure.lock().unwrap_or_else(PoisonError::into_inner).clone();
+            let detail = failure.map(|f| format!(" (last failure: {f})")).unwrap_or_default();
+            let message = format!(
+                "cannot read the topics of the Kafka cluster at {}: {e}{detail}",
                 self.options.bootstrap_servers
-            ))
+            );
+            // Credentials and TLS settings do not fix themselves: say so rather than "try later".
+            if detail.contains("SASL authentication") || detail.contains("SSL handshake") {
+                TransportError::Refused(message)
+            } else {
+                TransportError::Unavailable(message)
+            }
         })?;
         Ok(wanted.iter().filter(|t| !existing.contains(t.as_str())).cloned().collect())
     }
@@ -517,12 +535,9 @@ async fn watch_health(inner: std::sync::Weak<Inner>, mut shutdown: watch::Receiv
 
 fn new_producer(
     options: &KafkaOptions,
-    connected: &Arc<AtomicBool>,
+    context: BrokerContext,
 ) -> Result<FutureProducer<BrokerContext>, TransportError> {
-    options
-        .producer_config()
-        .create_with_context(BrokerContext { connected: connected.clone() })
-        .map_err(|e| config_error("producer", &e))
+    options.producer_config().create_with_context(context).map_err(|e| config_error("producer", &e))
 }
 
 fn config_error(client: &str, error: &KafkaError) -> TransportError {
