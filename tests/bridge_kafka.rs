@@ -149,9 +149,10 @@ impl Running {
         request_id
     }
 
-    /// The reply whose RequestId header is `request_id`, waiting up to 60 s.
+    /// The reply whose RequestId header is `request_id`, waiting up to 120 s (a bound for a slow,
+    /// shared machine, not a speed requirement).
     async fn reply_to(&self, request_id: &str) -> kafka_support::Record {
-        for _ in 0..1200 {
+        for _ in 0..2400 {
             if let Some(r) = self
                 .collector
                 .records(&self.topics.replies)
@@ -162,7 +163,9 @@ impl Running {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        panic!("no reply to {request_id}");
+        let replies = self.collector.records(&self.topics.replies).len();
+        let errors = self.collector.records(&self.topics.errors).len();
+        panic!("no reply to {request_id} ({replies} replies and {errors} error records so far)");
     }
 
     async fn stop(self) -> common::TestStore {
