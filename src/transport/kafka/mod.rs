@@ -226,8 +226,14 @@ impl Transport for KafkaTransport {
             self.inner.tasks.lock().unwrap_or_else(PoisonError::into_inner).push(task);
         }
         // Records given back for a later attempt re-enter the same channel, behind what is queued.
+        // (Deliveries waiting here hold senders of this very channel: stop on shutdown, not on close.)
+        let mut shutdown = self.inner.shutdown.subscribe();
         let retries = tokio::spawn(async move {
-            while let Some(delivery) = retry_rx.recv().await {
+            loop {
+                let delivery = tokio::select! {
+                    () = stopped(&mut shutdown) => break,
+                    delivery = retry_rx.recv() => match delivery { Some(d) => d, None => break },
+                };
                 if tx.send(delivery).await.is_err() {
                     break;
                 }
