@@ -398,6 +398,57 @@ async fn offsets_are_committed_after_the_effect_so_the_next_bridge_resumes_after
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_consumers_on_four_partitions_apply_each_resources_commands_in_partition_order() {
+    const RESOURCES: usize = 8;
+    const VERSIONS: usize = 10;
+    let tansu = Tansu::start().await;
+    let topics = Topics::new();
+    tansu.create_topics(&[&topics.store], 4).await;
+    tansu.create_topics(&[&topics.retrieve, &topics.errors, &topics.replies, &topics.full, &topics.light], 1).await;
+    let options = KafkaOptions { consumers: 2, ..topics.options(&tansu) };
+    let store = common::TestStore::new(common::Kind::Postgres).await;
+    let run = start_bridge(&tansu, topics, store, options, BridgeOptions::default()).await;
+    // Both consumers of the group own partitions before anything is sent.
+    for _ in 0..1200 {
+        if run.transport.assignments().iter().all(|a| !a.is_empty()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let assignments = run.transport.assignments();
+    assert!(assignments.iter().all(|a| !a.is_empty()), "a consumer owns no partition: {assignments:?}");
+    let address = run.reply_address();
+    let mut requests = Vec::new();
+    // Version by version, all resources interleaved; each resource keyed to one partition.
+    for version in 1..=VERSIONS {
+        for r in 0..RESOURCES {
+            let (request, message) = (Uuid::new_v4().to_string(), Uuid::new_v4().to_string());
+            let id = format!("ordered-{r}");
+            let body = json!({"instructions": upsert(&id, &version.to_string())}).to_string();
+            let headers = [
+                ("MessageId", message.as_str()),
+                ("RequestId", request.as_str()),
+                ("ResponseAddress", address.as_str()),
+            ];
+            produce(&run.producer, &run.topics.store, Some(&format!("Patient/{id}")), body.as_bytes(), &headers).await;
+            requests.push(request);
+        }
+    }
+    for request in &requests {
+        assert_eq!(run.reply_to(request).await.json(), json!({"errors": []}));
+    }
+    let store = run.stop().await;
+    let log = store.version_log().await.unwrap();
+    assert_eq!(log.len(), RESOURCES * VERSIONS, "every command applied once");
+    for r in 0..RESOURCES {
+        let versions: Vec<String> =
+            log.iter().filter(|c| c.key.resource_id == format!("ordered-{r}")).map(|c| c.version_id.clone()).collect();
+        let expected: Vec<String> = (1..=VERSIONS).map(|v| v.to_string()).collect();
+        assert_eq!(versions, expected, "ordered-{r} applied out of its partition's order");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn missing_topics_are_named_at_start_and_created_when_allowed() {
     let tansu = Tansu::start().await;
     let topics = Topics::new();

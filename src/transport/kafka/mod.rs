@@ -188,6 +188,19 @@ impl KafkaTransport {
     pub fn options(&self) -> &KafkaOptions {
         &self.inner.options
     }
+
+    /// The partitions each of this process's consumers owns now (for status pages and tests).
+    pub fn assignments(&self) -> Vec<Vec<(String, i32)>> {
+        let consumers = self.inner.consumers.lock().unwrap_or_else(PoisonError::into_inner);
+        consumers
+            .iter()
+            .map(|c| {
+                c.assignment()
+                    .map(|list| list.elements().iter().map(|e| (e.topic().to_owned(), e.partition())).collect())
+                    .unwrap_or_default()
+            })
+            .collect()
+    }
 }
 
 #[async_trait]
