@@ -48,6 +48,11 @@ pub struct Tansu {
     storage: Option<S3Emulator>,
     /// Whether clients must authenticate (SASL).
     authentication: bool,
+    /// The port clients are told to use (a TLS front-end's), when not `port`.
+    advertised_port: Option<u16>,
+    /// What the test's own clients use to reach it through TLS: the CA file, and a PKCS#12
+    /// keystore with its password when the front-end demands a client certificate.
+    pub client_tls: Option<(PathBuf, Option<(PathBuf, String)>)>,
 }
 
 /// moto's S3 server (an emulator of S3, installed by `scripts/services --kafka`) on a free loopback
@@ -106,7 +111,23 @@ impl Tansu {
     /// A broker keeping its data in memory (gone when it stops).
     pub async fn start() -> Tansu {
         init_logs();
-        let mut tansu = Tansu { port: free_port(), child: None, storage: None, authentication: false };
+        let mut tansu = Tansu::new(None, false);
+        tansu.launch().await;
+        tansu
+    }
+
+    fn new(storage: Option<S3Emulator>, authentication: bool) -> Tansu {
+        Tansu { port: free_port(), child: None, storage, authentication, advertised_port: None, client_tls: None }
+    }
+
+    /// A broker (data in memory) on a plain port that advertises `advertised_port`, where a TLS
+    /// front-end forwards to it (tansu 0.6's own `--cert`/`--key` cannot be given together); the
+    /// test's clients use `client_tls`.
+    pub async fn start_behind(advertised_port: u16, client_tls: (PathBuf, Option<(PathBuf, String)>)) -> Tansu {
+        init_logs();
+        let mut tansu = Tansu::new(None, false);
+        tansu.advertised_port = Some(advertised_port);
+        tansu.client_tls = Some(client_tls);
         tansu.launch().await;
         tansu
     }
@@ -114,7 +135,7 @@ impl Tansu {
     /// A broker (data in memory) that requires SASL authentication; it knows no user.
     pub async fn start_authenticating() -> Tansu {
         init_logs();
-        let mut tansu = Tansu { port: free_port(), child: None, storage: None, authentication: true };
+        let mut tansu = Tansu::new(None, true);
         tansu.launch().await;
         tansu
     }
@@ -123,19 +144,21 @@ impl Tansu {
     pub async fn start_persistent() -> Tansu {
         init_logs();
         let storage = S3Emulator::start().await;
-        let mut tansu = Tansu { port: free_port(), child: None, storage: Some(storage), authentication: false };
+        let mut tansu = Tansu::new(Some(storage), false);
         tansu.launch().await;
         tansu
     }
 
     async fn launch(&mut self) {
         let url = format!("tcp://127.0.0.1:{}", self.port);
+        let advertised = format!("tcp://127.0.0.1:{}", self.advertised_port.unwrap_or(self.port));
         let mut command = Command::new(tansu_binary());
-        command.args(["broker", "--listener-url", &url, "--advertised-listener-url", &url]);
+        command.args(["broker", "--listener-url", &url, "--advertised-listener-url", &advertised]);
         command.args(["--cluster-id", "fhir-pubsub-test"]);
         if self.authentication {
             command.arg("--authentication");
         }
+
         match &self.storage {
             None => {
                 command.args(["--storage-engine", "memory://tansu/"]);
@@ -163,7 +186,7 @@ impl Tansu {
     }
 
     pub fn bootstrap(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        format!("127.0.0.1:{}", self.advertised_port.unwrap_or(self.port))
     }
 
     /// Kills the broker (SIGKILL); in-memory data goes with it, data in the S3 emulator stays.
@@ -183,6 +206,12 @@ impl Tansu {
     pub fn client_config(&self) -> ClientConfig {
         let mut config = ClientConfig::new();
         config.set("bootstrap.servers", self.bootstrap());
+        if let Some((ca, keystore)) = &self.client_tls {
+            config.set("security.protocol", "ssl").set("ssl.ca.location", ca.display().to_string());
+            if let Some((path, password)) = keystore {
+                config.set("ssl.keystore.location", path.display().to_string()).set("ssl.keystore.password", password);
+            }
+        }
         config
     }
 

@@ -1,5 +1,5 @@
 //! Test support for TLS: a throw-away PKI made with the `openssl` command line, and `socat` TLS
-//! terminators in front of the plain broker at 127.0.0.1:5672.
+//! terminators in front of a plain broker (RabbitMQ at 127.0.0.1:5672 unless told otherwise).
 //!
 //! Everything lives in a temporary folder removed on drop; every `socat` process is killed by its
 //! PID on drop, so a failing test leaves nothing behind.
@@ -107,13 +107,18 @@ impl Pki {
 pub struct TlsTerminator {
     child: Child,
     listen: String,
+    target: String,
     pub port: u16,
 }
 
 impl TlsTerminator {
     /// Serves `cert`/`key`; with `client_ca`, demands a client certificate signed by it.
     pub fn start(cert: &Path, key: &Path, client_ca: Option<&Path>) -> TlsTerminator {
-        let port = free_port();
+        TlsTerminator::start_on(free_port(), cert, key, client_ca, 5672)
+    }
+
+    /// The same on `port`, forwarding to 127.0.0.1:`target` (another plain server than RabbitMQ).
+    pub fn start_on(port: u16, cert: &Path, key: &Path, client_ca: Option<&Path>, target: u16) -> TlsTerminator {
         let mut listen = format!(
             "OPENSSL-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,cert={},key={}",
             cert.display(),
@@ -123,8 +128,9 @@ impl TlsTerminator {
             Some(ca) => listen.push_str(&format!(",verify=1,cafile={}", ca.display())),
             None => listen.push_str(",verify=0"),
         }
-        let child = spawn_socat(&listen);
-        let mut terminator = TlsTerminator { child, listen, port };
+        let target = format!("TCP:127.0.0.1:{target}");
+        let child = spawn_socat(&listen, &target);
+        let mut terminator = TlsTerminator { child, listen, target, port };
         terminator.wait_listening();
         terminator
     }
@@ -136,7 +142,7 @@ impl TlsTerminator {
 
     /// Listens again, on the same port and with the same settings.
     pub fn resume(&mut self) {
-        self.child = spawn_socat(&self.listen);
+        self.child = spawn_socat(&self.listen, &self.target);
         self.wait_listening();
     }
 
@@ -170,9 +176,9 @@ impl Drop for TlsTerminator {
     }
 }
 
-fn spawn_socat(listen: &str) -> Child {
+fn spawn_socat(listen: &str, target: &str) -> Child {
     Command::new("socat")
-        .args([listen, "TCP:127.0.0.1:5672"])
+        .args([listen, target])
         .process_group(0)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -181,7 +187,7 @@ fn spawn_socat(listen: &str) -> Child {
         .expect("run socat (scripts/services installs it)")
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind a free port");
     listener.local_addr().expect("local address").port()
 }

@@ -426,7 +426,8 @@ impl Inner {
                 self.options.bootstrap_servers
             );
             // Credentials and TLS settings do not fix themselves: say so rather than "try later".
-            if detail.contains("SASL authentication") || detail.contains("SSL handshake") {
+            const SETTINGS_FAILURES: [&str; 3] = ["SASL authentication", "SSL handshake", "SSL alert"];
+            if SETTINGS_FAILURES.iter().any(|f| detail.contains(f)) {
                 TransportError::Refused(message)
             } else {
                 TransportError::Unavailable(message)
