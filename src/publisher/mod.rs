@@ -229,13 +229,21 @@ impl Publisher {
         let mut lag = LagWatch::default();
         let mut backoff = Duration::from_millis(100);
         loop {
-            match lease.confirm().await {
+            let stopping = *shutdown.borrow();
+            // The lease is confirmed on its own connection while the claim runs: nothing is published
+            // unless both succeeded, and the claim's round trip does not wait for the confirmation's.
+            let (confirmed, claimed) = tokio::join!(lease.confirm(), self.claim());
+            match confirmed {
                 Ok(true) => {}
+                // Batches claimed meanwhile stay claimed: the new leader publishes them unchanged.
                 Ok(false) => return LeadEnd::Lost("another process holds the publisher lease".into()),
                 Err(e) => return LeadEnd::Lost(e.to_string()),
             }
-            let stopping = *shutdown.borrow();
-            match self.publish_once().await {
+            let published = match claimed {
+                Ok(batches) => self.publish_claimed(batches).await,
+                Err(e) => Err(e),
+            };
+            match published {
                 Ok(published) => {
                     backoff = Duration::from_millis(100);
                     self.check_lag(&mut lag).await;
@@ -264,12 +272,16 @@ impl Publisher {
         }
     }
 
-    /// Claims the next batches, publishes them in order and completes the confirmed ones. Returns
-    /// the number of changes completed.
-    async fn publish_once(&self) -> Result<usize, PublishError> {
+    /// Claims the next batches: those left open by an earlier attempt, or new ones.
+    async fn claim(&self) -> Result<Vec<ChangeBatch>, PublishError> {
         let batch_size = self.settings.max_publish_batch_size.max(1) as usize;
         let per_claim = (CHANGES_PER_CLAIM / batch_size).clamp(BATCHES_PER_CLAIM, MAX_BATCHES_PER_CLAIM);
-        let batches = self.store.claim_batches(batch_size, per_claim).await?;
+        Ok(self.store.claim_batches(batch_size, per_claim).await?)
+    }
+
+    /// Publishes claimed batches in order and completes the confirmed ones. Returns the number of
+    /// changes completed.
+    async fn publish_claimed(&self, batches: Vec<ChangeBatch>) -> Result<usize, PublishError> {
         if !batches.is_empty() {
             self.maybe_pause(PausePoint::BeforePublish).await;
         }
