@@ -631,6 +631,7 @@ async fn supervise(inner: Weak<Inner>, mut shutdown: watch::Receiver<bool>) {
                         Ok(session) => {
                             inner.set_session(Some(Arc::clone(&session)));
                             tracing::info!("reconnected to RabbitMQ");
+                            metrics::counter!(crate::observe::metrics::BROKER_RECONNECTS).increment(1);
                             failures = 0;
                             Duration::ZERO
                         }
