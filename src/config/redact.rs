@@ -63,7 +63,7 @@ pub fn secrets_in(text: &str) -> Vec<String> {
 
 /// Secrets shorter than this are not searched for in free text (a one-letter password would
 /// blank out every occurrence of that letter); they are still hidden where the settings name them.
-pub const MIN_SCRUBBED_LEN: usize = 3;
+pub const MIN_SCRUBBED_LEN: usize = 4;
 
 /// Hides known secret values wherever they appear in a text: in log lines, in error messages that a
 /// library built from a URL, in what the HTTP endpoints show. Built from

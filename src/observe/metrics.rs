@@ -60,6 +60,19 @@ pub fn install() -> Result<PrometheusHandle, BuildError> {
         .set_buckets_for_metric(Matcher::Full(PLAN_INSTRUCTIONS.into()), INSTRUCTION_BUCKETS)?
         .install_recorder()?;
     describe();
+    // Counters without labels start at 0, so that a rate over them exists before the first event.
+    for name in [
+        REPLIES_SENT,
+        FAULTS,
+        ERROR_QUEUE_MOVES,
+        SKIPPED_QUEUE_MOVES,
+        CHANGES_PUBLISHED,
+        PUBLISH_FAILURES,
+        STORE_RETRIES,
+        BROKER_RECONNECTS,
+    ] {
+        metrics::counter!(name).increment(0);
+    }
     Ok(handle)
 }
 

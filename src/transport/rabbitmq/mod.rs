@@ -581,7 +581,10 @@ async fn forward(
         let delivery = match item {
             Ok(delivery) => delivery,
             Err(e) => {
-                tracing::warn!(error = %e, "consumer stopped");
+                // Closing the transport ends the consumer this way too: that is no news.
+                if inner.upgrade().is_some_and(|i| !i.closed.load(Ordering::SeqCst)) {
+                    tracing::warn!(error = %e, "consumer stopped");
+                }
                 break;
             }
         };
