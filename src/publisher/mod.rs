@@ -10,6 +10,9 @@
 //! - batches are published one after the other, in the order the store cut them, never more than
 //!   `MaxPublishBatchSize` changes per message.
 //!
+//! Figures: [`PublisherStats`] (cursor, lag, counts) for `/status` and readiness, the
+//! [`crate::observe::metrics`], and one [`EndpointStats`] per event type on the status board.
+//!
 //! Latency: the bridge wakes the publisher after each commit ([`Publisher::waker`]); PostgreSQL's
 //! `NOTIFY` wakes it for other writers; `PollingIntervalSeconds` bounds the delay otherwise.
 
@@ -23,6 +26,8 @@ use tokio::sync::{Notify, watch};
 
 use crate::config::ResourceChangeNotificationSettings;
 use crate::contracts::MessageType;
+use crate::observe::metrics as m;
+use crate::observe::{EndpointStats, StatusBoard};
 use crate::store::{ChangeBatch, PendingChange, PublisherLease, Store, StoreError};
 use crate::transport::{Transport, TransportError};
 
@@ -118,6 +123,9 @@ pub struct Publisher {
     waker: Arc<Notify>,
     holder: String,
     stats: Arc<PublisherStats>,
+    /// The figures of each event type's destination: full events, light events.
+    full_stats: Arc<EndpointStats>,
+    light_stats: Arc<EndpointStats>,
     /// A one-shot pause for crash tests ([`FAULT_PAUSE_ENV`]).
     pause_at: std::sync::Mutex<Option<PausePoint>>,
 }
@@ -136,8 +144,21 @@ impl Publisher {
             waker: Arc::new(Notify::new()),
             holder,
             stats: Arc::default(),
+            full_stats: Arc::default(),
+            light_stats: Arc::default(),
             pause_at: std::sync::Mutex::new(None),
         }
+    }
+
+    /// Reports the figures of each event type this publisher sends on `board`.
+    pub fn with_status_board(mut self, board: &StatusBoard) -> Self {
+        if self.settings.send_full_events {
+            self.full_stats = board.destination(MessageType::ResourcesChangedEvent.as_str());
+        }
+        if self.settings.send_light_events {
+            self.light_stats = board.destination(MessageType::ResourcesChangedLightEvent.as_str());
+        }
+        self
     }
 
     /// Pauses the publisher for good the first time it reaches `point` (crash tests only).
@@ -194,8 +215,10 @@ impl Publisher {
             };
             tracing::info!("this process publishes the change events");
             self.stats.leading.store(true, Ordering::Relaxed);
+            metrics::gauge!(m::PUBLISHER_LEADING).set(1.0);
             let end = self.lead(lease, &mut shutdown).await;
             self.stats.leading.store(false, Ordering::Relaxed);
+            metrics::gauge!(m::PUBLISHER_LEADING).set(0.0);
             match end {
                 LeadEnd::Stopped => return,
                 LeadEnd::Lost(why) => {
@@ -258,6 +281,7 @@ impl Publisher {
                 }
                 Err(e) => {
                     self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!(m::PUBLISH_FAILURES).increment(1);
                     tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "publishing change events failed");
                     if stopping {
                         tracing::warn!("shutting down with changes not yet published; they go out after the restart");
@@ -307,6 +331,7 @@ impl Publisher {
             self.maybe_pause(PausePoint::AfterPublish).await;
             self.store.complete_batches(done).await?;
             self.stats.changes_published.fetch_add(changes as u64, Ordering::Relaxed);
+            metrics::counter!(m::CHANGES_PUBLISHED).increment(changes as u64);
             if let Some(last) = done.iter().flat_map(|b| b.changes.iter().map(|c| c.seq)).max() {
                 self.stats.last_seq.fetch_max(last, Ordering::Relaxed);
             }
@@ -328,16 +353,36 @@ impl Publisher {
         if self.settings.send_full_events {
             let message = events::full_event(&changes);
             let outgoing = events::outgoing(MessageType::ResourcesChangedEvent, &message, &changes, &source)?;
-            self.transport.publish(MessageType::ResourcesChangedEvent, outgoing).await?;
-            self.stats.messages_published.fetch_add(1, Ordering::Relaxed);
+            self.publish_counted(MessageType::ResourcesChangedEvent, outgoing, &self.full_stats).await?;
         }
         if self.settings.send_light_events {
             let message = events::light_event(&changes);
             let outgoing = events::outgoing(MessageType::ResourcesChangedLightEvent, &message, &changes, &source)?;
-            self.transport.publish(MessageType::ResourcesChangedLightEvent, outgoing).await?;
-            self.stats.messages_published.fetch_add(1, Ordering::Relaxed);
+            self.publish_counted(MessageType::ResourcesChangedLightEvent, outgoing, &self.light_stats).await?;
         }
         Ok(())
+    }
+
+    /// Publishes one event message and counts the outcome on its destination's figures.
+    async fn publish_counted(
+        &self,
+        message_type: MessageType,
+        outgoing: crate::transport::OutgoingMessage,
+        destination: &EndpointStats,
+    ) -> Result<(), TransportError> {
+        let _in_process = destination.begin();
+        match self.transport.publish(message_type, outgoing).await {
+            Ok(()) => {
+                destination.delivered();
+                self.stats.messages_published.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!(m::EVENTS_PUBLISHED, "type" => message_type.as_str()).increment(1);
+                Ok(())
+            }
+            Err(e) => {
+                destination.failed(e.to_string());
+                Err(e)
+            }
+        }
     }
 
     /// Reads the outbox's size and age (at most once a second) and warns when the oldest waiting
@@ -351,6 +396,8 @@ impl Publisher {
         let age = state.oldest.map(|t| (chrono::Utc::now() - t).to_std().unwrap_or_default()).unwrap_or_default();
         self.stats.pending.store(state.pending, Ordering::Relaxed);
         self.stats.lag_millis.store(age.as_millis() as u64, Ordering::Relaxed);
+        metrics::gauge!(m::PUBLISHER_PENDING).set(state.pending as f64);
+        metrics::gauge!(m::PUBLISHER_LAG).set(age.as_secs_f64());
         let threshold = Duration::from_secs(self.settings.lag_warning_seconds.max(1));
         if age > threshold {
             if lag.warned.is_none_or(|at| at.elapsed() >= LAG_WARNING_EVERY) {
