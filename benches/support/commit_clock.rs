@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use fhir_pubsub::store::{
-    ChangeBatch, Current, Found, Lookup, OutboxState, PendingChange, PublisherLease, ResourceKey, Store, StoreError,
-    StoreTx, Write,
+    ChangeBatch, Claim, Current, Found, Lookup, OutboxState, PendingChange, PublisherLease, ResourceKey, Store,
+    StoreError, StoreTx, Write,
 };
 use uuid::Uuid;
 
@@ -99,8 +99,8 @@ impl Store for CommitClock {
     async fn pending_changes(&self, limit: usize) -> Result<Vec<PendingChange>, StoreError> {
         self.inner.pending_changes(limit).await
     }
-    async fn claim_batches(&self, batch_size: usize, max_batches: usize) -> Result<Vec<ChangeBatch>, StoreError> {
-        self.inner.claim_batches(batch_size, max_batches).await
+    async fn claim_batches(&self, claim: Claim<'_>) -> Result<Vec<ChangeBatch>, StoreError> {
+        self.inner.claim_batches(claim).await
     }
     async fn complete_batches(&self, batches: &[ChangeBatch]) -> Result<(), StoreError> {
         self.inner.complete_batches(batches).await

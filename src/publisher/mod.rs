@@ -28,7 +28,7 @@ use crate::config::ResourceChangeNotificationSettings;
 use crate::contracts::MessageType;
 use crate::observe::metrics as m;
 use crate::observe::{EndpointStats, StatusBoard};
-use crate::store::{ChangeBatch, PendingChange, PublisherLease, Store, StoreError};
+use crate::store::{ChangeBatch, Claim, PendingChange, PublisherLease, Store, StoreError};
 use crate::transport::{Transport, TransportError};
 
 /// Batches claimed at once, at least: more amortise the outbox read, fewer keep repeats after a crash small.
@@ -248,29 +248,55 @@ impl Publisher {
         }
     }
 
+    /// Publishes while this process leads. Each round does three things at once: confirms the lease
+    /// (on its own connection), publishes the batches in hand in order, and claims the next batches
+    /// (completing, in the same transaction, those the broker confirmed in the previous round). So a
+    /// round lasts as long as the slower of the claim and the broker's confirmations, and a batch is
+    /// published only after every batch before it was confirmed.
     async fn lead(&self, mut lease: Box<dyn PublisherLease>, shutdown: &mut watch::Receiver<bool>) -> LeadEnd {
+        let batch_size = self.settings.max_publish_batch_size.max(1) as usize;
+        let max_batches = (CHANGES_PER_CLAIM / batch_size).clamp(BATCHES_PER_CLAIM, MAX_BATCHES_PER_CLAIM);
         let mut lag = LagWatch::default();
         let mut backoff = Duration::from_millis(100);
+        // Confirmed by the broker, completed by the next claim.
+        let mut confirmed: Vec<ChangeBatch> = Vec::new();
+        // Claimed, to be published in this order.
+        let mut in_hand: Vec<ChangeBatch> = Vec::new();
         loop {
             let stopping = *shutdown.borrow();
-            // The lease is confirmed on its own connection while the claim runs: nothing is published
-            // unless both succeeded, and the claim's round trip does not wait for the confirmation's.
-            let (confirmed, claimed) = tokio::join!(lease.confirm(), self.claim());
-            match confirmed {
+            let claim = Claim {
+                completed: &confirmed,
+                publishing_through: in_hand.last().map(|b| b.id),
+                batch_size,
+                max_batches,
+            };
+            let (lease_held, claimed, published) =
+                tokio::join!(lease.confirm(), self.store.claim_batches(claim), self.publish_in_order(&in_hand));
+            // Whatever the lease says, the broker confirmed these: they are completed by the next claim,
+            // ours or the next leader's (which publishes every open batch again, unchanged).
+            let (sent, publish_failure) = published;
+            let newly_confirmed: Vec<ChangeBatch> = in_hand.drain(..sent).collect();
+            match lease_held {
                 Ok(true) => {}
-                // Batches claimed meanwhile stay claimed: the new leader publishes them unchanged.
                 Ok(false) => return LeadEnd::Lost("another process holds the publisher lease".into()),
                 Err(e) => return LeadEnd::Lost(e.to_string()),
             }
-            let published = match claimed {
-                Ok(batches) => self.publish_claimed(batches).await,
-                Err(e) => Err(e),
+            let claim_failure = match claimed {
+                Ok(batches) => {
+                    self.count_completed(&confirmed);
+                    confirmed.clear();
+                    // Batches left unconfirmed by a failed publish go out again first.
+                    in_hand.extend(batches);
+                    None
+                }
+                Err(e) => Some(PublishError::from(e)),
             };
-            match published {
-                Ok(published) => {
+            confirmed.extend(newly_confirmed);
+            match publish_failure.or(claim_failure) {
+                None => {
                     backoff = Duration::from_millis(100);
                     self.check_lag(&mut lag).await;
-                    if published == 0 {
+                    if in_hand.is_empty() && confirmed.is_empty() {
                         if stopping {
                             lease.release().await;
                             return LeadEnd::Stopped;
@@ -279,7 +305,7 @@ impl Publisher {
                         wait(shutdown, &self.waker, poll, true).await;
                     }
                 }
-                Err(e) => {
+                Some(e) => {
                     self.stats.failures.fetch_add(1, Ordering::Relaxed);
                     metrics::counter!(m::PUBLISH_FAILURES).increment(1);
                     tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "publishing change events failed");
@@ -296,51 +322,38 @@ impl Publisher {
         }
     }
 
-    /// Claims the next batches: those left open by an earlier attempt, or new ones.
-    async fn claim(&self) -> Result<Vec<ChangeBatch>, PublishError> {
-        let batch_size = self.settings.max_publish_batch_size.max(1) as usize;
-        let per_claim = (CHANGES_PER_CLAIM / batch_size).clamp(BATCHES_PER_CLAIM, MAX_BATCHES_PER_CLAIM);
-        Ok(self.store.claim_batches(batch_size, per_claim).await?)
+    /// Publishes batches in order, each only after the broker confirmed the one before. Returns how
+    /// many were confirmed, and why the next one was not.
+    async fn publish_in_order(&self, batches: &[ChangeBatch]) -> (usize, Option<PublishError>) {
+        if batches.is_empty() {
+            return (0, None);
+        }
+        self.maybe_pause(PausePoint::BeforePublish).await;
+        for (sent, batch) in batches.iter().enumerate() {
+            if sent > 0 {
+                self.maybe_pause(PausePoint::MidBatch).await;
+            }
+            if let Err(e) = self.publish_batch(batch).await {
+                return (sent, Some(e));
+            }
+        }
+        // Confirmed, not yet completed: a crash here publishes these batches again, unchanged.
+        self.maybe_pause(PausePoint::AfterPublish).await;
+        (batches.len(), None)
     }
 
-    /// Publishes claimed batches in order and completes the confirmed ones. Returns the number of
-    /// changes completed.
-    async fn publish_claimed(&self, batches: Vec<ChangeBatch>) -> Result<usize, PublishError> {
-        if !batches.is_empty() {
-            self.maybe_pause(PausePoint::BeforePublish).await;
+    /// Counts batches whose completion was recorded.
+    fn count_completed(&self, completed: &[ChangeBatch]) {
+        let changes: usize = completed.iter().map(|b| b.changes.len()).sum();
+        if changes == 0 {
+            return;
         }
-        let mut confirmed = 0;
-        let mut failure = None;
-        for batch in &batches {
-            match self.publish_batch(batch).await {
-                Ok(()) => {
-                    confirmed += 1;
-                    if batches.len() > 1 && confirmed < batches.len() {
-                        self.maybe_pause(PausePoint::MidBatch).await;
-                    }
-                }
-                Err(e) => {
-                    failure = Some(e);
-                    break;
-                }
-            }
+        self.stats.changes_published.fetch_add(changes as u64, Ordering::Relaxed);
+        metrics::counter!(m::CHANGES_PUBLISHED).increment(changes as u64);
+        if let Some(last) = completed.iter().flat_map(|b| b.changes.iter().map(|c| c.seq)).max() {
+            self.stats.last_seq.fetch_max(last, Ordering::Relaxed);
         }
-        let done = &batches[..confirmed];
-        let changes: usize = done.iter().map(|b| b.changes.len()).sum();
-        if !done.is_empty() {
-            self.maybe_pause(PausePoint::AfterPublish).await;
-            self.store.complete_batches(done).await?;
-            self.stats.changes_published.fetch_add(changes as u64, Ordering::Relaxed);
-            metrics::counter!(m::CHANGES_PUBLISHED).increment(changes as u64);
-            if let Some(last) = done.iter().flat_map(|b| b.changes.iter().map(|c| c.seq)).max() {
-                self.stats.last_seq.fetch_max(last, Ordering::Relaxed);
-            }
-            tracing::debug!(batches = done.len(), changes, "change events published");
-        }
-        match failure {
-            Some(e) => Err(e),
-            None => Ok(changes),
-        }
+        tracing::debug!(batches = completed.len(), changes, "change events published");
     }
 
     async fn publish_batch(&self, batch: &ChangeBatch) -> Result<(), PublishError> {

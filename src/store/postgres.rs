@@ -17,8 +17,8 @@ use tokio::sync::Notify;
 use uuid::Uuid;
 
 use super::{
-    ChangeBatch, Current, Found, Lookup, NewVersion, OutboxState, PendingChange, PublisherLease, ResourceKey, Store,
-    StoreError, StoreTx, Write, change_type, classify,
+    ChangeBatch, Claim, Current, Found, Lookup, NewVersion, OutboxState, PendingChange, PublisherLease, ResourceKey,
+    Store, StoreError, StoreTx, Write, change_type, classify,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
@@ -58,6 +58,24 @@ impl PostgresStore {
             .acquire_timeout(Duration::from_secs(10))
             .connect_lazy_with(publisher_options);
         Ok(PostgresStore { pool, publisher_pool, deleted_since_vacuum: Arc::default() })
+    }
+
+    /// The outbox is small but churns: every change is inserted and deleted once. Autovacuum visits at
+    /// most once a minute, and meanwhile the publisher's reads would wade through dead rows; so the
+    /// publisher vacuums its own tables as it goes (a cheap, non-blocking pass, off the publishing path).
+    fn outbox_rows_deleted(&self, count: usize) {
+        let deleted = self.deleted_since_vacuum.fetch_add(count as u64, std::sync::atomic::Ordering::Relaxed);
+        if deleted + count as u64 >= OUTBOX_VACUUM_AFTER {
+            self.deleted_since_vacuum.store(0, std::sync::atomic::Ordering::Relaxed);
+            let pool = self.publisher_pool.clone();
+            tokio::spawn(async move {
+                if let Err(e) =
+                    sqlx::query("VACUUM (SKIP_LOCKED) pending_changes, publish_batches").execute(&pool).await
+                {
+                    tracing::debug!(error = %e, "vacuuming the outbox failed; autovacuum will do it");
+                }
+            });
+        }
     }
 
     /// The connection pool (tests).
@@ -195,10 +213,14 @@ impl Store for PostgresStore {
         pending_rows(&mut conn, limit).await
     }
 
-    async fn claim_batches(&self, batch_size: usize, max_batches: usize) -> Result<Vec<ChangeBatch>, StoreError> {
-        let rows = sqlx::query("SELECT * FROM fhir_pubsub_claim_batches($1, $2)")
-            .bind(i32::try_from(batch_size.max(1)).unwrap_or(i32::MAX))
-            .bind(i32::try_from(max_batches.max(1)).unwrap_or(i32::MAX))
+    async fn claim_batches(&self, claim: Claim<'_>) -> Result<Vec<ChangeBatch>, StoreError> {
+        let (completed_ids, completed_seqs) = ChangeBatch::ids_and_seqs(claim.completed);
+        let rows = sqlx::query("SELECT * FROM fhir_pubsub_claim_batches($1, $2, $3, $4, $5)")
+            .bind(&completed_ids)
+            .bind(&completed_seqs)
+            .bind(claim.publishing_through.unwrap_or(0))
+            .bind(i32::try_from(claim.batch_size.max(1)).unwrap_or(i32::MAX))
+            .bind(i32::try_from(claim.max_batches.max(1)).unwrap_or(i32::MAX))
             .fetch_all(&self.publisher_pool)
             .await
             .map_err(classify)?;
@@ -217,6 +239,7 @@ impl Store for PostgresStore {
                 _ => batches.push(ChangeBatch { id, changes: vec![change] }),
             }
         }
+        self.outbox_rows_deleted(completed_seqs.len());
         Ok(batches)
     }
 
@@ -232,18 +255,7 @@ impl Store for PostgresStore {
         .execute(&self.publisher_pool)
         .await
         .map_err(classify)?;
-        // The outbox is small but churns: every change is inserted and deleted once. Autovacuum visits
-        // at most once a minute, and meanwhile the publisher's reads would wade through dead rows; so
-        // the publisher vacuums its own tables as it goes (a cheap, non-blocking pass).
-        let deleted = self.deleted_since_vacuum.fetch_add(seqs.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        if deleted + seqs.len() as u64 >= OUTBOX_VACUUM_AFTER {
-            self.deleted_since_vacuum.store(0, std::sync::atomic::Ordering::Relaxed);
-            if let Err(e) =
-                sqlx::query("VACUUM (SKIP_LOCKED) pending_changes, publish_batches").execute(&self.publisher_pool).await
-            {
-                tracing::debug!(error = %e, "vacuuming the outbox failed; autovacuum will do it");
-            }
-        }
+        self.outbox_rows_deleted(seqs.len());
         Ok(())
     }
 
