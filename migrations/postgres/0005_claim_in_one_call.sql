@@ -33,7 +33,8 @@ BEGIN
             FROM (SELECT p.seq, row_number() OVER (ORDER BY p.group_end, p.seq) - 1 AS pos
                   FROM (SELECT seq, max(seq) OVER (PARTITION BY txid) AS group_end
                         FROM pending_changes
-                        WHERE NOT EXISTS (SELECT 1 FROM publish_batches b WHERE pending_changes.seq = ANY (b.seqs))
+                        -- An anti-join on the held seqs (a hash of them), not a scan of every batch per row.
+                        WHERE seq NOT IN (SELECT unnest(b.seqs) FROM publish_batches b)
                         ORDER BY group_end, seq
                         LIMIT batch_size::bigint * max_batches) p) o
             GROUP BY o.pos / batch_size
