@@ -8,16 +8,21 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use fhir_pubsub::bridge::{Bridge, BridgeOptions};
 use fhir_pubsub::client::{self, Exit, ListenOptions, RetrieveOptions, StoreOptions};
-use fhir_pubsub::config::{BrokerType, Settings, redact_url};
+use fhir_pubsub::config::{BrokerType, Scrubber, Settings, redact_url};
 use fhir_pubsub::contracts::Operation;
+use fhir_pubsub::http::{self, Observed};
+use fhir_pubsub::observe::logs;
+use fhir_pubsub::observe::{RunState, StatusBoard};
 use fhir_pubsub::plan::PlanLimits;
 use fhir_pubsub::publisher::{PausePoint, Publisher};
 use fhir_pubsub::transport::Transport;
 use fhir_pubsub::transport::rabbitmq::{RabbitMqOptions, RabbitMqTransport};
 use tokio::sync::watch;
 
-/// How long a stopping bridge goes on publishing the changes left in the outbox.
-const PUBLISH_ON_SHUTDOWN: std::time::Duration = std::time::Duration::from_secs(15);
+/// How long `check-config` waits for one connection before calling it failed.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(30);
+
+use std::time::Duration;
 
 #[derive(Parser)]
 #[command(
@@ -26,8 +31,8 @@ const PUBLISH_ON_SHUTDOWN: std::time::Duration = std::time::Duration::from_secs(
     about = "A Firely-PubSub-compatible bridge between a message broker and a FHIR store"
 )]
 struct Cli {
-    /// Log format.
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    /// Log format: `text` (key=value lines) or `json` (one object per line).
+    #[arg(long, global = true, value_enum, env = "FHIRPUBSUB_LOG_FORMAT", default_value_t = LogFormat::Text)]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
@@ -39,6 +44,15 @@ enum LogFormat {
     Json,
 }
 
+impl From<LogFormat> for logs::LogFormat {
+    fn from(format: LogFormat) -> Self {
+        match format {
+            LogFormat::Text => logs::LogFormat::Text,
+            LogFormat::Json => logs::LogFormat::Json,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Runs the bridge: consumes commands, applies them to the store, replies and publishes change events.
@@ -47,7 +61,9 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
-    /// Validates the settings, prints the effective ones (secrets hidden) and tries each connection.
+    /// Validates the settings, prints the effective ones (secrets hidden) and tries each connection
+    /// (the HTTP address, the store, the broker), saying which one fails and why. Exit status 0
+    /// when all succeed.
     CheckConfig {
         #[arg(long, short)]
         config: Option<PathBuf>,
@@ -168,24 +184,18 @@ async fn client_command(command: Command) -> Exit {
     })
 }
 
-fn init_logging(format: LogFormat, default_level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_level.into());
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
-
+/// Loads and validates the settings; from here on their secrets are hidden in every log line.
 fn load(config: Option<&PathBuf>) -> anyhow::Result<Settings> {
     let settings = Settings::load(config.map(PathBuf::as_path), std::env::vars())?;
+    logs::hide_secrets(Scrubber::new(settings.secrets()));
     for (key, why) in settings.accepted_but_unused() {
         tracing::warn!(key, reason = why, "setting accepted but not used");
     }
     Ok(settings)
 }
 
+/// Connects to the configured broker. Each broker type is one branch here; `check-config` tries the
+/// broker through this function, so a new transport is checked as soon as it can connect.
 async fn connect_transport(settings: &Settings) -> anyhow::Result<Arc<dyn Transport>> {
     match settings.pub_sub.message_broker.broker_type {
         BrokerType::RabbitMq => {
@@ -215,6 +225,18 @@ async fn connect_transport(settings: &Settings) -> anyhow::Result<Arc<dyn Transp
 
 async fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
     let settings = load(config.as_ref())?;
+    let board = StatusBoard::new();
+    let metrics = match fhir_pubsub::observe::metrics::install() {
+        Ok(handle) => Some(handle),
+        Err(e) => {
+            tracing::warn!(error = %e, "metrics are off: the Prometheus recorder cannot be installed");
+            None
+        }
+    };
+    // Bind first: a port in use stops the start before anything connects.
+    let (listener, http_address) = http::bind(settings.http.listen)
+        .await
+        .with_context(|| format!("cannot listen on Http.Listen {}", settings.http.listen))?;
     let store = fhir_pubsub::store::open(&settings.store.url)
         .await
         .with_context(|| format!("opening the store {}", redact_url(&settings.store.url)))?;
@@ -225,61 +247,144 @@ async fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
         max_message_bytes: settings.limits.max_message_bytes,
         plan_limits: PlanLimits { max_instructions: settings.limits.max_instructions_per_plan },
     };
+    let events = settings.pub_sub.resource_change_notifications.clone();
     let publisher = Arc::new(
-        Publisher::new(store.clone(), transport.clone(), settings.pub_sub.resource_change_notifications.clone())
+        Publisher::new(store.clone(), transport.clone(), events.clone())
+            .with_status_board(&board)
             .with_fault_pause(PausePoint::from_env()),
     );
+    let observed = Arc::new(Observed {
+        board: board.clone(),
+        store: store.clone(),
+        transport: transport.clone(),
+        publisher: publisher.stats(),
+        metrics,
+        lag_threshold: Duration::from_secs(events.lag_warning_seconds),
+        events_enabled: events.send_full_events || events.send_light_events,
+        scrubber: Scrubber::new(settings.secrets()),
+    });
+    let (stop_http, mut http_stopped) = watch::channel(false);
+    let serving = tokio::spawn(http::serve(listener, observed, async move {
+        let _ = http_stopped.wait_for(|stop| *stop).await;
+    }));
+    tracing::info!(address = %http_address, "HTTP endpoints listening: /healthz /readyz /metrics /status");
+
     let (stop_publisher, publisher_stopped) = watch::channel(false);
     let publishing = tokio::spawn(publisher.clone().run(publisher_stopped));
-    let bridge = Arc::new(Bridge::new(store.clone(), transport.clone(), options).with_changes_waker(publisher.waker()));
+    let bridge = Arc::new(
+        Bridge::new(store.clone(), transport.clone(), options)
+            .with_changes_waker(publisher.waker())
+            .with_status_board(&board),
+    );
     let (stop, stopped) = watch::channel(false);
     let mut running = tokio::spawn(bridge.run(stopped));
+    let finish_timeout = Duration::from_secs(settings.shutdown.timeout_seconds);
     tokio::select! {
         _ = fhir_pubsub::shutdown::signal() => {
-            tracing::info!("shutting down: finishing the commands in flight (a second signal exits at once)");
+            tracing::info!(
+                timeout_seconds = finish_timeout.as_secs(),
+                "shutting down: no new commands, finishing those in flight (a second signal exits at once)"
+            );
+            board.set_state(RunState::Stopping);
             let _ = stop.send(true);
             tokio::spawn(async {
                 fhir_pubsub::shutdown::signal().await;
+                eprintln!("fhir-pubsub: second signal: exiting at once");
                 std::process::exit(130);
             });
-            running.await.context("the bridge task failed")??;
+            match tokio::time::timeout(finish_timeout, &mut running).await {
+                Ok(result) => result.context("the bridge task failed")??,
+                Err(_) => {
+                    let in_process: u64 = board.inputs().iter().map(|(_, s)| s.snapshot().messages_in_process).sum();
+                    tracing::warn!(
+                        in_process,
+                        timeout_seconds = finish_timeout.as_secs(),
+                        "commands still in flight after Shutdown.TimeoutSeconds: they are not acknowledged, the broker delivers them again"
+                    );
+                    running.abort();
+                }
+            }
         }
         result = &mut running => result.context("the bridge task failed")??,
     }
     // The bridge is done: publish what its last commits (and anyone else's) left in the outbox.
     let _ = stop_publisher.send(true);
-    if tokio::time::timeout(PUBLISH_ON_SHUTDOWN, publishing).await.is_err() {
-        tracing::warn!("stopped before every change was published; the rest goes out after the next start");
+    let publish_timeout = Duration::from_secs(settings.shutdown.publish_timeout_seconds);
+    if tokio::time::timeout(publish_timeout, publishing).await.is_err() {
+        tracing::warn!(
+            timeout_seconds = publish_timeout.as_secs(),
+            "stopped before every change was published (Shutdown.PublishTimeoutSeconds); the rest goes out after the next start"
+        );
     }
     transport.close().await;
     store.close().await;
+    let _ = stop_http.send(true);
+    let _ = serving.await;
     tracing::info!("stopped");
     Ok(())
 }
 
-async fn check_config(config: Option<PathBuf>) -> anyhow::Result<bool> {
-    let settings = load(config.as_ref())?;
-    println!("{}", serde_json::to_string_pretty(&settings.redacted())?);
-    let mut ok = true;
-    match fhir_pubsub::store::open(&settings.store.url).await {
-        Ok(store) => {
-            println!("store {}: ok ({})", redact_url(&settings.store.url), store.kind());
-            store.close().await;
+/// One line of `check-config`'s report: what was tried and how it went.
+fn report_check(what: &str, outcome: Result<String, String>) -> bool {
+    match outcome {
+        Ok(detail) => {
+            println!("{}: ok{}", logs::scrub(what), logs::scrub(&detail));
+            true
         }
-        Err(e) => {
-            ok = false;
-            println!("store {}: FAILED: {e}", redact_url(&settings.store.url));
+        Err(why) => {
+            println!("{}: FAILED: {}", logs::scrub(what), logs::scrub(&why));
+            false
         }
     }
-    match connect_transport(&settings).await {
-        Ok(t) => {
-            println!("broker {}: ok", t.input_address());
-            t.close().await;
-        }
-        Err(e) => {
-            ok = false;
-            println!("broker: FAILED: {e:#}");
-        }
+}
+
+async fn bounded<T>(future: impl Future<Output = Result<T, String>>) -> Result<T, String> {
+    tokio::time::timeout(CHECK_TIMEOUT, future)
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {} s", CHECK_TIMEOUT.as_secs())))
+}
+
+async fn check_config(config: Option<PathBuf>) -> anyhow::Result<bool> {
+    let settings = load(config.as_ref())?;
+    println!("{}", logs::scrub(&serde_json::to_string_pretty(&settings.redacted())?));
+    let mut ok = true;
+
+    // The HTTP address: bound and released at once.
+    let listen = settings.http.listen;
+    let http = match http::bind(listen).await {
+        Ok(_) => Ok(String::new()),
+        Err(e) => Err(format!("cannot listen there: {e}")),
+    };
+    ok &= report_check(&format!("http {listen}"), http);
+
+    let store_url = redact_url(&settings.store.url);
+    let store = bounded(async {
+        let store = fhir_pubsub::store::open(&settings.store.url).await.map_err(|e| e.to_string())?;
+        let kind = store.kind();
+        store.close().await;
+        Ok(format!(" ({kind}, schema up to date)"))
+    })
+    .await;
+    ok &= report_check(&format!("store {store_url}"), store);
+
+    let broker = bounded(async {
+        let transport = connect_transport(&settings).await.map_err(|e| format!("{e:#}"))?;
+        let address = transport.input_address();
+        transport.close().await;
+        Ok(address)
+    })
+    .await;
+    ok &= match broker {
+        Ok(address) => report_check(&format!("broker {address}"), Ok(String::new())),
+        Err(why) => report_check("broker", Err(why)),
+    };
+
+    let claim_check = &settings.pub_sub.claim_check;
+    if claim_check.storage_type != fhir_pubsub::config::ClaimCheckStorage::Disabled {
+        println!(
+            "claim check {}: not tried: this build does not fetch claim checks (such plans are answered BadRequestWrongPayloadFormat)",
+            claim_check.storage_type
+        );
     }
     Ok(ok)
 }
@@ -289,7 +394,7 @@ fn main() -> ExitCode {
     let is_client = matches!(cli.command, Command::Store { .. } | Command::Retrieve { .. } | Command::Listen { .. });
     // The client's stderr is for its own sentences: only warnings are logged there, and none of
     // lapin's, whose failures the client reports itself.
-    init_logging(cli.log_format, if is_client { "warn,lapin=off" } else { "info" });
+    logs::init(cli.log_format.into(), if is_client { "warn,lapin=off" } else { "info" });
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -311,7 +416,7 @@ fn main() -> ExitCode {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(e) => {
-            eprintln!("fhir-pubsub: {e:#}");
+            eprintln!("fhir-pubsub: {}", logs::scrub(&format!("{e:#}")));
             ExitCode::FAILURE
         }
     }

@@ -5,16 +5,18 @@
 //! The event exchanges are shared by every bridge on the broker, so each test names its resources with a
 //! tag of its own and keeps only the messages about them.
 
+mod bridge_process;
 mod common;
 mod event_sink;
 #[cfg(feature = "kafka")]
 mod kafka_support;
 
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use bridge_process::BridgeProcess;
 
 use event_sink::{ChangeKey, EventSink, key_of};
 use fhir_pubsub::config::ResourceChangeNotificationSettings;
@@ -263,74 +265,6 @@ async fn check_events_equal_the_committed_changes(
     transport.close().await;
 }
 
-/// A bridge process on a store, its stderr collected.
-struct BridgeProcess {
-    child: Child,
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-impl BridgeProcess {
-    fn start(store_url: &str, queue: &str, pause: Option<&str>) -> BridgeProcess {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_fhir-pubsub"));
-        command
-            .arg("run")
-            .env("RUST_LOG", "info")
-            .env("FHIRPUBSUB_Store__Url", store_url)
-            .env("FHIRPUBSUB_PubSub__MessageBroker__ApplicationQueueName", queue)
-            .env("FHIRPUBSUB_PubSub__ResourceChangeNotifications__SendFullEvents", "true")
-            .env("FHIRPUBSUB_PubSub__ResourceChangeNotifications__SendLightEvents", "true")
-            .env("FHIRPUBSUB_PubSub__ResourceChangeNotifications__MaxPublishBatchSize", "3")
-            .env("FHIRPUBSUB_PubSub__ResourceChangeNotifications__PollingIntervalSeconds", "1")
-            .env_remove(fhir_pubsub::publisher::FAULT_PAUSE_ENV)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        if let Some(point) = pause {
-            command.env(fhir_pubsub::publisher::FAULT_PAUSE_ENV, point);
-        }
-        let mut child = command.spawn().expect("start fhir-pubsub run");
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (stderr, lines) = (child.stderr.take().unwrap(), log.clone());
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                lines.lock().unwrap().push(line);
-            }
-        });
-        BridgeProcess { child, log }
-    }
-
-    fn logged(&self, text: &str) -> bool {
-        self.log.lock().unwrap().iter().any(|l| l.contains(text))
-    }
-
-    async fn wait_logged(&self, text: &str, limit: Duration) -> bool {
-        let started = Instant::now();
-        while started.elapsed() < limit {
-            if self.logged(text) {
-                return true;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        false
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill(); // SIGKILL
-        let _ = self.child.wait();
-    }
-
-    fn terminate(&mut self) -> Option<i32> {
-        // SIGTERM asks for a graceful stop.
-        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
-        self.child.wait().ok().and_then(|s| s.code())
-    }
-}
-
-impl Drop for BridgeProcess {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
 const LEADING: &str = "this process publishes the change events";
 const PAUSED: &str = "publisher paused for fault injection";
 
@@ -346,7 +280,11 @@ async fn sigkill_loses_nothing(store: &common::TestStore) {
         write_new(store.store.as_ref(), &tag, written, 12).await;
         written += 12;
         let mut bridge = BridgeProcess::start(&store.url, &queue, Some(point));
-        assert!(bridge.wait_logged(PAUSED, Duration::from_secs(30)).await, "{point}: never paused: {:?}", bridge.log);
+        assert!(
+            bridge.wait_logged(PAUSED, Duration::from_secs(30)).await,
+            "{point}: never paused: {}",
+            bridge.log_text()
+        );
         bridge.kill();
     }
     let mut bridge = BridgeProcess::start(&store.url, &queue, None);

@@ -36,6 +36,8 @@ fn settings(dir: &Path, host: &str, port: u16, queue: &str, rabbit_mq: Value) ->
             "ApplicationQueueName": queue, "RabbitMQ": rabbit_mq,
         }},
         "Store": {"Url": format!("sqlite://{}", dir.join(format!("{queue}.db")).display())},
+        // check-config tries to bind the HTTP address: any free port, whatever else runs here.
+        "Http": {"Listen": "127.0.0.1:0"},
     });
     std::fs::write(&file, text.to_string()).expect("write settings");
     Settings::load(Some(&file), std::iter::empty()).expect("settings load")

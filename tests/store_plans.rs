@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use fhir_pubsub::contracts::read::{self, StorePlanMessage};
 use fhir_pubsub::contracts::{ChangeType, ExecuteStorePlanResponse, RetrievePlanResponse, StatusCode, StatusDetails};
 use fhir_pubsub::plan::{PlanLimits, StoreJob, execute_retrieve_plan, execute_store_plans, validate_store_plan};
-use fhir_pubsub::store::{Lookup, PendingChange, ResourceKey, Store};
+use fhir_pubsub::store::{ChangeBatch, Claim, Lookup, PendingChange, ResourceKey, Store};
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -494,6 +494,52 @@ async fn a_foreign_sql_write_is_recorded(store: &common::TestStore) {
 }
 both_stores!(foreign_writes, a_foreign_sql_write_is_recorded);
 
+/// The publisher claims the next batches while it still publishes the ones before: a claim cuts new
+/// batches only from rows no batch holds, completes the confirmed ones in the same transaction, and
+/// after a crash (a claim holding nothing) every open batch comes back unchanged, in order.
+async fn claims_while_publishing(store: &common::TestStore) {
+    let store = store.store.as_ref();
+    for id in ["a", "b", "c"] {
+        assert_applied(&store_plan(store, json!([upsert("1", patient(id, "1", "Claim"))])).await);
+    }
+    let ids = |batches: &[ChangeBatch]| -> Vec<Vec<String>> {
+        batches.iter().map(|b| b.changes.iter().map(|c| c.key.resource_id.clone()).collect()).collect()
+    };
+    let first = store.claim_batches(Claim::fresh(1, 1)).await.unwrap();
+    assert_eq!(ids(&first), [["a"]]);
+    let in_hand = |b: &[ChangeBatch]| b.last().map(|b| b.id);
+    let second = store
+        .claim_batches(Claim { completed: &[], publishing_through: in_hand(&first), batch_size: 1, max_batches: 1 })
+        .await
+        .unwrap();
+    assert_eq!(ids(&second), [["b"]], "the row held by the first batch is not cut again");
+    let third = store
+        .claim_batches(Claim { completed: &first, publishing_through: in_hand(&second), batch_size: 1, max_batches: 1 })
+        .await
+        .unwrap();
+    assert_eq!(ids(&third), [["c"]]);
+    let waiting: Vec<String> =
+        store.pending_changes(10).await.unwrap().into_iter().map(|c| c.key.resource_id).collect();
+    assert_eq!(waiting, ["b", "c"], "the first batch was completed by the third claim");
+
+    // A restart: the open batches come back as they were cut, whatever the new claim's size.
+    let after_restart = store.claim_batches(Claim::fresh(50, 5)).await.unwrap();
+    assert_eq!(after_restart, [second[0].clone(), third[0].clone()]);
+    let done = store
+        .claim_batches(Claim {
+            completed: &after_restart,
+            publishing_through: in_hand(&after_restart),
+            batch_size: 50,
+            max_batches: 5,
+        })
+        .await
+        .unwrap();
+    assert!(done.is_empty());
+    assert!(store.pending_changes(10).await.unwrap().is_empty());
+    assert!(store.claim_batches(Claim::fresh(50, 5)).await.unwrap().is_empty(), "no batch is left open");
+}
+both_stores!(claim_pipeline, claims_while_publishing);
+
 /// What a writer knows it committed: (resource, version, change, the version it replaced).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct Committed {
@@ -518,20 +564,30 @@ async fn concurrent_writers_and_a_reader(store: &common::TestStore) {
     let reader = {
         let (store, writing) = (store.clone(), writing.clone());
         tokio::spawn(async move {
+            // As the publisher does: each claim completes the batches "published" in the round before
+            // and cuts new ones beyond those still in hand.
             let mut drained: Vec<PendingChange> = Vec::new();
+            let mut confirmed = Vec::new();
+            let mut in_hand: Vec<ChangeBatch> = Vec::new();
             loop {
                 let still_writing = writing.load(Ordering::SeqCst);
-                let batches = store.claim_batches(50, 2).await.unwrap();
-                if batches.is_empty() {
+                let claim = Claim {
+                    completed: &confirmed,
+                    publishing_through: in_hand.last().map(|b| b.id),
+                    batch_size: 50,
+                    max_batches: 2,
+                };
+                let batches = store.claim_batches(claim).await.unwrap();
+                assert!(batches.iter().all(|b| !b.changes.is_empty() && b.changes.len() <= 50));
+                assert!(batches.iter().all(|b| in_hand.last().is_none_or(|h| b.id > h.id)));
+                drained.extend(in_hand.iter().flat_map(|b| b.changes.iter().cloned()));
+                confirmed = std::mem::replace(&mut in_hand, batches);
+                if in_hand.is_empty() && confirmed.is_empty() {
                     if !still_writing {
                         return drained;
                     }
                     tokio::time::sleep(Duration::from_millis(2)).await;
-                    continue;
                 }
-                assert!(batches.iter().all(|b| !b.changes.is_empty() && b.changes.len() <= 50));
-                store.complete_batches(&batches).await.unwrap();
-                drained.extend(batches.into_iter().flat_map(|b| b.changes));
             }
         })
     };

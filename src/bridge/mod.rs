@@ -9,13 +9,16 @@
 //! the fault or response address; messages of a type nobody here consumes go to the skipped queue.
 //! Neither ever blocks the queue or stops the process.
 //!
+//! Every delivery is counted on the input's [`EndpointStats`] (delivered, failed attempts, skipped,
+//! in process) and in the metrics of [`crate::observe::metrics`] once its fate is known.
+//!
 //! Ordering: commands are handled concurrently (up to `ConcurrencyNumber`), but two commands that
 //! touch the same resource are applied in the order they arrived ([`KeyOrder`]).
 
 mod order;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use serde_json::value::RawValue;
@@ -25,6 +28,8 @@ use uuid::Uuid;
 use crate::contracts::read::{self, StorePlanMessage};
 use crate::contracts::{ExecuteStorePlanResponse, ItemError, MessageType, StatusDetails};
 use crate::envelope::{self, Envelope};
+use crate::observe::metrics as m;
+use crate::observe::{EndpointStats, StatusBoard};
 use crate::plan::{self, PlanLimits, StoreJob};
 use crate::store::{ResourceKey, Store, StoreError};
 use crate::transport::{Delivery, FaultReason, OutgoingMessage, Transport, TransportError};
@@ -54,6 +59,8 @@ pub struct Bridge {
     options: BridgeOptions,
     /// Woken after each commit that recorded changes, so events go out at once.
     changes_waker: Option<Arc<Notify>>,
+    /// The figures of this bridge's input (on the status board when one is given).
+    input_stats: Arc<EndpointStats>,
 }
 
 /// What became of one delivery (logged, and used by tests).
@@ -71,7 +78,13 @@ pub enum Handled {
 
 impl Bridge {
     pub fn new(store: Arc<dyn Store>, transport: Arc<dyn Transport>, options: BridgeOptions) -> Self {
-        Bridge { store, transport, options, changes_waker: None }
+        Bridge { store, transport, options, changes_waker: None, input_stats: Arc::default() }
+    }
+
+    /// Reports this bridge's figures on `board`, under the transport's input address.
+    pub fn with_status_board(mut self, board: &StatusBoard) -> Self {
+        self.input_stats = board.input(&self.transport.input_address());
+        self
     }
 
     /// Wakes `waker` after every commit that recorded changes (the change publisher).
@@ -186,7 +199,47 @@ impl Bridge {
         }
     }
 
+    /// Handles one delivery and counts what became of it.
     async fn handle(&self, delivery: Delivery, prepared: Prepared) -> Handled {
+        let _in_process = self.input_stats.begin();
+        let started = Instant::now();
+        let message_type = prepared.message_type();
+        metrics::counter!(m::COMMANDS_RECEIVED, "type" => message_type).increment(1);
+        let mut reply_outcome = None;
+        let handled = self.process(delivery, prepared, &mut reply_outcome).await;
+        let outcome = match &handled {
+            Handled::Done => {
+                self.input_stats.delivered();
+                reply_outcome.unwrap_or("success")
+            }
+            Handled::Error(reason) => {
+                self.input_stats.failed(format!("moved to the error queue: {reason}"));
+                metrics::counter!(m::ERROR_QUEUE_MOVES).increment(1);
+                "error_queue"
+            }
+            Handled::Skipped => {
+                self.input_stats.skipped();
+                metrics::counter!(m::SKIPPED_QUEUE_MOVES).increment(1);
+                "skipped"
+            }
+            Handled::Retry(reason) => {
+                self.input_stats.failed(format!("given back for a later attempt: {reason}"));
+                "retry"
+            }
+        };
+        metrics::counter!(m::COMMANDS, "type" => message_type, "outcome" => outcome).increment(1);
+        metrics::histogram!(m::PLAN_DURATION, "type" => message_type).record(started.elapsed().as_secs_f64());
+        handled
+    }
+
+    /// Handles one delivery from decoding to acknowledgement. `reply_outcome` gets the status code
+    /// of the reply once there is one.
+    async fn process(
+        &self,
+        delivery: Delivery,
+        prepared: Prepared,
+        reply_outcome: &mut Option<&'static str>,
+    ) -> Handled {
         let acker = &delivery.acker;
         let outcome = match prepared {
             Prepared::Unreadable(reason) => {
@@ -210,7 +263,10 @@ impl Bridge {
             Prepared::Retrieve(envelope) => self.retrieve_plan(&envelope).await.map(|r| (envelope, r)),
         };
         let (envelope, reply) = match outcome {
-            Ok(done) => done,
+            Ok(done) => {
+                *reply_outcome = Some(done.1.outcome);
+                done
+            }
             Err(e) if e.is_unavailable() || e.is_conflict() => {
                 tracing::warn!(error = %e, "store unavailable; the command will be delivered again");
                 return match acker.retry_later().await {
@@ -223,7 +279,11 @@ impl Bridge {
             }
         };
         if let Some(address) = envelope.response_address.as_deref() {
-            if let Err(e) = self.reply(&delivery, &envelope, address, reply).await {
+            let sent = self.reply(&delivery, &envelope, address, reply).await;
+            if sent.is_ok() {
+                metrics::counter!(m::REPLIES_SENT).increment(1);
+            }
+            if let Err(e) = sent {
                 if e.is_retryable() {
                     tracing::warn!(error = %e, "reply not confirmed; the command will be delivered again");
                     let _ = acker.retry_later().await;
@@ -249,6 +309,10 @@ impl Bridge {
     }
 
     async fn store_plan(&self, envelope: &Envelope, job: StoreJob) -> Result<Reply, StoreError> {
+        if let Ok(list) = &job.plan {
+            metrics::histogram!(m::PLAN_INSTRUCTIONS, "type" => MessageType::ExecuteStorePlanCommand.as_str())
+                .record(list.len() as f64);
+        }
         let outcome = plan::execute_store_plans(self.store.as_ref(), std::slice::from_ref(&job)).await?.remove(0);
         if outcome.changes > 0
             && let Some(waker) = &self.changes_waker
@@ -263,12 +327,18 @@ impl Bridge {
             replayed = outcome.replayed,
             "store plan handled"
         );
-        Ok(Reply::new(MessageType::ExecuteStorePlanResponse, &outcome.response))
+        let code =
+            outcome.response.errors.first().map(|e| e.status.code).unwrap_or(crate::contracts::StatusCode::Success);
+        Ok(Reply::new(MessageType::ExecuteStorePlanResponse, &outcome.response, code))
     }
 
     async fn retrieve_plan(&self, envelope: &Envelope) -> Result<Reply, StoreError> {
         let response = match envelope.message.as_deref().map(read::retrieve_plan) {
-            Some(Ok(list)) => plan::execute_retrieve_plan(self.store.as_ref(), list).await?,
+            Some(Ok(list)) => {
+                metrics::histogram!(m::PLAN_INSTRUCTIONS, "type" => MessageType::RetrievePlanCommand.as_str())
+                    .record(list.len() as f64);
+                plan::execute_retrieve_plan(self.store.as_ref(), list).await?
+            }
             Some(Err(e)) => crate::contracts::RetrievePlanResponse {
                 items: vec![crate::contracts::RetrieveItem {
                     item_id: None,
@@ -279,7 +349,13 @@ impl Bridge {
             },
             None => crate::contracts::RetrievePlanResponse::default(),
         };
-        Ok(Reply::new(MessageType::RetrievePlanResponse, &response))
+        let code = response
+            .items
+            .iter()
+            .map(|item| item.status.code)
+            .find(|code| *code != crate::contracts::StatusCode::Success)
+            .unwrap_or(crate::contracts::StatusCode::Success);
+        Ok(Reply::new(MessageType::RetrievePlanResponse, &response, code))
     }
 
     async fn reply(
@@ -305,8 +381,9 @@ impl Bridge {
         if let Some(target) = envelope.fault_target() {
             let fault =
                 Envelope::fault(envelope, kind, exception_type, message, &self.transport.input_address(), target);
-            if let Err(e) = self.transport.send(target, outgoing(&fault, delivery)).await {
-                tracing::warn!(error = %e, address = target, "fault could not be sent");
+            match self.transport.send(target, outgoing(&fault, delivery)).await {
+                Ok(()) => metrics::counter!(m::FAULTS).increment(1),
+                Err(e) => tracing::warn!(error = %e, address = target, "fault could not be sent"),
             }
         }
         let reason =
@@ -353,6 +430,17 @@ enum Prepared {
 }
 
 impl Prepared {
+    /// The message type, as the metrics label it.
+    fn message_type(&self) -> &'static str {
+        match self {
+            Prepared::Unreadable(_) => "unknown",
+            Prepared::Skip => "other",
+            Prepared::Fault(_, kind, _, _) => kind.as_str(),
+            Prepared::Store(..) => MessageType::ExecuteStorePlanCommand.as_str(),
+            Prepared::Retrieve(_) => MessageType::RetrievePlanCommand.as_str(),
+        }
+    }
+
     /// The resources the command touches, for ordering.
     fn keys(&self) -> Vec<ResourceKey> {
         match self {
@@ -370,19 +458,20 @@ impl Prepared {
     }
 }
 
-/// A response message and its type.
+/// A response message, its type and its outcome (the status code the metrics count it under).
 struct Reply {
     kind: MessageType,
     message: Box<RawValue>,
+    outcome: &'static str,
 }
 
 impl Reply {
-    fn new(kind: MessageType, message: &impl Serialize) -> Self {
+    fn new(kind: MessageType, message: &impl Serialize, code: crate::contracts::StatusCode) -> Self {
         let message = serde_json::value::to_raw_value(message).unwrap_or_else(|_| {
             // The contract types always serialize; keep the reply well-formed regardless.
             serde_json::value::to_raw_value(&ExecuteStorePlanResponse::default()).expect("empty response serializes")
         });
-        Reply { kind, message }
+        Reply { kind, message, outcome: code.as_str() }
     }
 }
 

@@ -25,11 +25,14 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-pub use redact::{HIDDEN, redact_url};
+pub use redact::{HIDDEN, MIN_SCRUBBED_LEN, Scrubber, redact_url, secrets_in};
 
 /// Prefix of the environment variables that override settings: `FHIRPUBSUB_` + the key path joined
 /// with `__`, in any case (`FHIRPUBSUB_PubSub__MessageBroker__Host`, `FHIRPUBSUB_STORE__URL`).
 pub const ENV_PREFIX: &str = "FHIRPUBSUB_";
+
+/// Variables with the settings' prefix that are options of the command, not settings.
+pub const COMMAND_ENV: &[&str] = &["FHIRPUBSUB_LOG_FORMAT"];
 
 /// Firely keys that are accepted, so that an existing Firely section loads, but that the bridge
 /// does not act on. [`Settings::accepted_but_unused`] lists the ones a configuration sets, for a
@@ -173,6 +176,8 @@ pub struct Settings {
     pub http: HttpSettings,
     /// Limits on what a message may hold.
     pub limits: LimitSettings,
+    /// How a stopping bridge finishes its work.
+    pub shutdown: ShutdownSettings,
 }
 
 /// `PubSub`: Firely's section.
@@ -537,6 +542,27 @@ impl Default for HttpSettings {
     }
 }
 
+/// `Shutdown`: what happens between SIGTERM (or SIGINT) and the exit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields, default)]
+pub struct ShutdownSettings {
+    /// How long the commands in flight may take to finish once a stop is asked. Those still running
+    /// after it are not acknowledged: the broker delivers them again, and the inbox answers a
+    /// command that did commit without applying it twice. Default 30.
+    #[serde(deserialize_with = "lenient::int")]
+    pub timeout_seconds: u64,
+    /// How long the change publisher goes on publishing what the outbox holds after the commands
+    /// finished; what is left goes out after the next start. Default 15.
+    #[serde(deserialize_with = "lenient::int")]
+    pub publish_timeout_seconds: u64,
+}
+
+impl Default for ShutdownSettings {
+    fn default() -> Self {
+        ShutdownSettings { timeout_seconds: 30, publish_timeout_seconds: 15 }
+    }
+}
+
 /// `Limits`: what a single message may hold; a message beyond them is refused, not processed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase", deny_unknown_fields, default)]
@@ -720,6 +746,7 @@ impl Settings {
         at_least_one("Limits.MaxMessageBytes", limits.max_message_bytes as u64)?;
         at_least_one("Limits.MaxInstructionsPerPlan", limits.max_instructions_per_plan as u64)?;
         at_least_one("Limits.MaxJsonDepth", limits.max_json_depth as u64)?;
+        at_least_one("Shutdown.TimeoutSeconds", self.shutdown.timeout_seconds)?;
         Ok(())
     }
 
@@ -729,6 +756,37 @@ impl Settings {
         let mut value = serde_json::to_value(self).unwrap_or(Value::Null);
         redact_tree(&mut value, "");
         value
+    }
+
+    /// Every secret value of these settings (passwords, passphrases, the password of `Store.Url`,
+    /// connection strings and their keys), in the forms it may be printed in: as written and
+    /// percent-decoded. What the log writer and the HTTP endpoints hide wherever it appears.
+    pub fn secrets(&self) -> Vec<String> {
+        let broker = &self.pub_sub.message_broker;
+        let mut found: Vec<String> = vec![broker.password.clone()];
+        found.extend(broker.rabbit_mq.client_certificate_passphrase.clone());
+        found.extend(broker.kafka.password.clone());
+        found.extend(broker.kafka.keystore_password.clone());
+        found.extend(self.pub_sub.claim_check.azure_blob_storage_connection_string.clone());
+        let mut connection_strings = vec![self.store.url.clone()];
+        connection_strings.extend(self.pub_sub.claim_check.azure_blob_storage_connection_string.clone());
+        if broker.broker_type == BrokerType::AzureServiceBus {
+            connection_strings.push(broker.host.clone());
+            found.push(broker.host.clone());
+        }
+        for text in &connection_strings {
+            found.extend(redact::secrets_in(text));
+        }
+        let mut all: Vec<String> = Vec::new();
+        for secret in found {
+            let decoded = percent_encoding::percent_decode_str(&secret).decode_utf8_lossy().into_owned();
+            for form in [secret, decoded] {
+                if !form.trim().is_empty() && !all.contains(&form) {
+                    all.push(form);
+                }
+            }
+        }
+        all
     }
 
     /// The keys this configuration sets that the bridge accepts but does not act on, with the
@@ -806,6 +864,7 @@ fn apply_env(
     let mut vars: Vec<(String, String)> = env
         .into_iter()
         .filter(|(name, _)| name.get(..ENV_PREFIX.len()).is_some_and(|p| p.eq_ignore_ascii_case(ENV_PREFIX)))
+        .filter(|(name, _)| !COMMAND_ENV.iter().any(|c| c.eq_ignore_ascii_case(name)))
         .collect();
     // Deterministic whatever the environment's order.
     vars.sort();

@@ -55,6 +55,7 @@ pub async fn execute_store_plans(store: &dyn Store, jobs: &[StoreJob]) -> Result
         match try_execute(store, jobs).await {
             Err(e) if e.is_conflict() && attempt < MAX_CONFLICT_RETRIES => {
                 attempt += 1;
+                metrics::counter!(crate::observe::metrics::STORE_RETRIES).increment(1);
                 tracing::debug!(attempt, error = %e, "store transaction conflicted; running it again");
                 // Jittered backoff so that the same writers do not collide again in lockstep.
                 let jitter = u64::from(Uuid::new_v4().as_bytes()[0]) % 8;

@@ -10,6 +10,9 @@
 //! - batches are published one after the other, in the order the store cut them, never more than
 //!   `MaxPublishBatchSize` changes per message.
 //!
+//! Figures: [`PublisherStats`] (cursor, lag, counts) for `/status` and readiness, the
+//! [`crate::observe::metrics`], and one [`EndpointStats`] per event type on the status board.
+//!
 //! Latency: the bridge wakes the publisher after each commit ([`Publisher::waker`]); PostgreSQL's
 //! `NOTIFY` wakes it for other writers; `PollingIntervalSeconds` bounds the delay otherwise.
 
@@ -24,7 +27,9 @@ use tokio::sync::{Notify, watch};
 
 use crate::config::ResourceChangeNotificationSettings;
 use crate::contracts::MessageType;
-use crate::store::{ChangeBatch, PendingChange, PublisherLease, ResourceKey, Store, StoreError};
+use crate::observe::metrics as m;
+use crate::observe::{EndpointStats, StatusBoard};
+use crate::store::{ChangeBatch, Claim, PendingChange, PublisherLease, ResourceKey, Store, StoreError};
 use crate::transport::{Transport, TransportError};
 
 /// Batches claimed at once, at least: more amortise the outbox read, fewer keep repeats after a crash small.
@@ -119,6 +124,9 @@ pub struct Publisher {
     waker: Arc<Notify>,
     holder: String,
     stats: Arc<PublisherStats>,
+    /// The figures of each event type's destination: full events, light events.
+    full_stats: Arc<EndpointStats>,
+    light_stats: Arc<EndpointStats>,
     /// A one-shot pause for crash tests ([`FAULT_PAUSE_ENV`]).
     pause_at: std::sync::Mutex<Option<PausePoint>>,
 }
@@ -137,8 +145,21 @@ impl Publisher {
             waker: Arc::new(Notify::new()),
             holder,
             stats: Arc::default(),
+            full_stats: Arc::default(),
+            light_stats: Arc::default(),
             pause_at: std::sync::Mutex::new(None),
         }
+    }
+
+    /// Reports the figures of each event type this publisher sends on `board`.
+    pub fn with_status_board(mut self, board: &StatusBoard) -> Self {
+        if self.settings.send_full_events {
+            self.full_stats = board.destination(MessageType::ResourcesChangedEvent.as_str());
+        }
+        if self.settings.send_light_events {
+            self.light_stats = board.destination(MessageType::ResourcesChangedLightEvent.as_str());
+        }
+        self
     }
 
     /// Pauses the publisher for good the first time it reaches `point` (crash tests only).
@@ -195,8 +216,10 @@ impl Publisher {
             };
             tracing::info!("this process publishes the change events");
             self.stats.leading.store(true, Ordering::Relaxed);
+            metrics::gauge!(m::PUBLISHER_LEADING).set(1.0);
             let end = self.lead(lease, &mut shutdown).await;
             self.stats.leading.store(false, Ordering::Relaxed);
+            metrics::gauge!(m::PUBLISHER_LEADING).set(0.0);
             match end {
                 LeadEnd::Stopped => return,
                 LeadEnd::Lost(why) => {
@@ -226,21 +249,55 @@ impl Publisher {
         }
     }
 
+    /// Publishes while this process leads. Each round does three things at once: confirms the lease
+    /// (on its own connection), publishes the batches in hand in order, and claims the next batches
+    /// (completing, in the same transaction, those the broker confirmed in the previous round). So a
+    /// round lasts as long as the slower of the claim and the broker's confirmations, and a batch is
+    /// published only after every batch before it was confirmed.
     async fn lead(&self, mut lease: Box<dyn PublisherLease>, shutdown: &mut watch::Receiver<bool>) -> LeadEnd {
+        let batch_size = self.settings.max_publish_batch_size.max(1) as usize;
+        let max_batches = (CHANGES_PER_CLAIM / batch_size).clamp(BATCHES_PER_CLAIM, MAX_BATCHES_PER_CLAIM);
         let mut lag = LagWatch::default();
         let mut backoff = Duration::from_millis(100);
+        // Confirmed by the broker, completed by the next claim.
+        let mut confirmed: Vec<ChangeBatch> = Vec::new();
+        // Claimed, to be published in this order.
+        let mut in_hand: Vec<ChangeBatch> = Vec::new();
         loop {
-            match lease.confirm().await {
+            let stopping = *shutdown.borrow();
+            let claim = Claim {
+                completed: &confirmed,
+                publishing_through: in_hand.last().map(|b| b.id),
+                batch_size,
+                max_batches,
+            };
+            let (lease_held, claimed, published) =
+                tokio::join!(lease.confirm(), self.store.claim_batches(claim), self.publish_in_order(&in_hand));
+            // Whatever the lease says, the broker confirmed these: they are completed by the next claim,
+            // ours or the next leader's (which publishes every open batch again, unchanged).
+            let (sent, publish_failure) = published;
+            let newly_confirmed: Vec<ChangeBatch> = in_hand.drain(..sent).collect();
+            match lease_held {
                 Ok(true) => {}
                 Ok(false) => return LeadEnd::Lost("another process holds the publisher lease".into()),
                 Err(e) => return LeadEnd::Lost(e.to_string()),
             }
-            let stopping = *shutdown.borrow();
-            match self.publish_once().await {
-                Ok(published) => {
+            let claim_failure = match claimed {
+                Ok(batches) => {
+                    self.count_completed(&confirmed);
+                    confirmed.clear();
+                    // Batches left unconfirmed by a failed publish go out again first.
+                    in_hand.extend(batches);
+                    None
+                }
+                Err(e) => Some(PublishError::from(e)),
+            };
+            confirmed.extend(newly_confirmed);
+            match publish_failure.or(claim_failure) {
+                None => {
                     backoff = Duration::from_millis(100);
                     self.check_lag(&mut lag).await;
-                    if published == 0 {
+                    if in_hand.is_empty() && confirmed.is_empty() {
                         if stopping {
                             lease.release().await;
                             return LeadEnd::Stopped;
@@ -249,8 +306,9 @@ impl Publisher {
                         wait(shutdown, &self.waker, poll, true).await;
                     }
                 }
-                Err(e) => {
+                Some(e) => {
                     self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!(m::PUBLISH_FAILURES).increment(1);
                     tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "publishing change events failed");
                     if stopping {
                         tracing::warn!("shutting down with changes not yet published; they go out after the restart");
@@ -265,46 +323,38 @@ impl Publisher {
         }
     }
 
-    /// Claims the next batches, publishes them in order and completes the confirmed ones. Returns
-    /// the number of changes completed.
-    async fn publish_once(&self) -> Result<usize, PublishError> {
-        let batch_size = self.settings.max_publish_batch_size.max(1) as usize;
-        let per_claim = (CHANGES_PER_CLAIM / batch_size).clamp(BATCHES_PER_CLAIM, MAX_BATCHES_PER_CLAIM);
-        let batches = self.store.claim_batches(batch_size, per_claim).await?;
-        if !batches.is_empty() {
-            self.maybe_pause(PausePoint::BeforePublish).await;
+    /// Publishes batches in order, each only after the broker confirmed the one before. Returns how
+    /// many were confirmed, and why the next one was not.
+    async fn publish_in_order(&self, batches: &[ChangeBatch]) -> (usize, Option<PublishError>) {
+        if batches.is_empty() {
+            return (0, None);
         }
-        let mut confirmed = 0;
-        let mut failure = None;
-        for batch in &batches {
-            match self.publish_batch(batch).await {
-                Ok(()) => {
-                    confirmed += 1;
-                    if batches.len() > 1 && confirmed < batches.len() {
-                        self.maybe_pause(PausePoint::MidBatch).await;
-                    }
-                }
-                Err(e) => {
-                    failure = Some(e);
-                    break;
-                }
+        self.maybe_pause(PausePoint::BeforePublish).await;
+        for (sent, batch) in batches.iter().enumerate() {
+            if sent > 0 {
+                self.maybe_pause(PausePoint::MidBatch).await;
+            }
+            if let Err(e) = self.publish_batch(batch).await {
+                return (sent, Some(e));
             }
         }
-        let done = &batches[..confirmed];
-        let changes: usize = done.iter().map(|b| b.changes.len()).sum();
-        if !done.is_empty() {
-            self.maybe_pause(PausePoint::AfterPublish).await;
-            self.store.complete_batches(done).await?;
-            self.stats.changes_published.fetch_add(changes as u64, Ordering::Relaxed);
-            if let Some(last) = done.iter().flat_map(|b| b.changes.iter().map(|c| c.seq)).max() {
-                self.stats.last_seq.fetch_max(last, Ordering::Relaxed);
-            }
-            tracing::debug!(batches = done.len(), changes, "change events published");
+        // Confirmed, not yet completed: a crash here publishes these batches again, unchanged.
+        self.maybe_pause(PausePoint::AfterPublish).await;
+        (batches.len(), None)
+    }
+
+    /// Counts batches whose completion was recorded.
+    fn count_completed(&self, completed: &[ChangeBatch]) {
+        let changes: usize = completed.iter().map(|b| b.changes.len()).sum();
+        if changes == 0 {
+            return;
         }
-        match failure {
-            Some(e) => Err(e),
-            None => Ok(changes),
+        self.stats.changes_published.fetch_add(changes as u64, Ordering::Relaxed);
+        metrics::counter!(m::CHANGES_PUBLISHED).increment(changes as u64);
+        if let Some(last) = completed.iter().flat_map(|b| b.changes.iter().map(|c| c.seq)).max() {
+            self.stats.last_seq.fetch_max(last, Ordering::Relaxed);
         }
+        tracing::debug!(batches = completed.len(), changes, "change events published");
     }
 
     async fn publish_batch(&self, batch: &ChangeBatch) -> Result<(), PublishError> {
@@ -320,14 +370,12 @@ impl Publisher {
         if self.settings.send_full_events {
             let message = events::full_event(&changes);
             let outgoing = events::outgoing(MessageType::ResourcesChangedEvent, &message, &changes, &source)?;
-            self.transport.publish(MessageType::ResourcesChangedEvent, outgoing).await?;
-            self.stats.messages_published.fetch_add(1, Ordering::Relaxed);
+            self.publish_counted(MessageType::ResourcesChangedEvent, outgoing, &self.full_stats).await?;
         }
         if self.settings.send_light_events {
             let message = events::light_event(&changes);
             let outgoing = events::outgoing(MessageType::ResourcesChangedLightEvent, &message, &changes, &source)?;
-            self.transport.publish(MessageType::ResourcesChangedLightEvent, outgoing).await?;
-            self.stats.messages_published.fetch_add(1, Ordering::Relaxed);
+            self.publish_counted(MessageType::ResourcesChangedLightEvent, outgoing, &self.light_stats).await?;
         }
         Ok(())
     }
@@ -352,22 +400,44 @@ impl Publisher {
                 let message = events::full_event(group);
                 let mut outgoing = events::outgoing(MessageType::ResourcesChangedEvent, &message, group, source)?;
                 outgoing.key = Some(key.clone());
-                messages.push((MessageType::ResourcesChangedEvent, outgoing));
+                messages.push((MessageType::ResourcesChangedEvent, outgoing, &self.full_stats));
             }
             if self.settings.send_light_events {
                 let message = events::light_event(group);
                 let mut outgoing = events::outgoing(MessageType::ResourcesChangedLightEvent, &message, group, source)?;
                 outgoing.key = Some(key);
-                messages.push((MessageType::ResourcesChangedLightEvent, outgoing));
+                messages.push((MessageType::ResourcesChangedLightEvent, outgoing, &self.light_stats));
             }
         }
-        let count = messages.len() as u64;
         futures::future::try_join_all(
-            messages.into_iter().map(|(message_type, outgoing)| self.transport.publish(message_type, outgoing)),
+            messages
+                .into_iter()
+                .map(|(message_type, outgoing, destination)| self.publish_counted(message_type, outgoing, destination)),
         )
         .await?;
-        self.stats.messages_published.fetch_add(count, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Publishes one event message and counts the outcome on its destination's figures.
+    async fn publish_counted(
+        &self,
+        message_type: MessageType,
+        outgoing: crate::transport::OutgoingMessage,
+        destination: &EndpointStats,
+    ) -> Result<(), TransportError> {
+        let _in_process = destination.begin();
+        match self.transport.publish(message_type, outgoing).await {
+            Ok(()) => {
+                destination.delivered();
+                self.stats.messages_published.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!(m::EVENTS_PUBLISHED, "type" => message_type.as_str()).increment(1);
+                Ok(())
+            }
+            Err(e) => {
+                destination.failed(e.to_string());
+                Err(e)
+            }
+        }
     }
 
     /// Reads the outbox's size and age (at most once a second) and warns when the oldest waiting
@@ -381,6 +451,8 @@ impl Publisher {
         let age = state.oldest.map(|t| (chrono::Utc::now() - t).to_std().unwrap_or_default()).unwrap_or_default();
         self.stats.pending.store(state.pending, Ordering::Relaxed);
         self.stats.lag_millis.store(age.as_millis() as u64, Ordering::Relaxed);
+        metrics::gauge!(m::PUBLISHER_PENDING).set(state.pending as f64);
+        metrics::gauge!(m::PUBLISHER_LAG).set(age.as_secs_f64());
         let threshold = Duration::from_secs(self.settings.lag_warning_seconds.max(1));
         if age > threshold {
             if lag.warned.is_none_or(|at| at.elapsed() >= LAG_WARNING_EVERY) {

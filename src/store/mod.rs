@@ -127,6 +127,25 @@ impl ChangeBatch {
     }
 }
 
+/// What the publisher asks of [`Store::claim_batches`].
+#[derive(Debug, Clone, Copy)]
+pub struct Claim<'a> {
+    /// Batches the broker confirmed since the last claim, completed in the claim's transaction.
+    pub completed: &'a [ChangeBatch],
+    /// The highest batch id the caller is still publishing (its batches are not returned again, and
+    /// do not keep new ones from being cut); `None` when it holds none, as after a restart.
+    pub publishing_through: Option<i64>,
+    pub batch_size: usize,
+    pub max_batches: usize,
+}
+
+impl Claim<'_> {
+    /// A claim that completes nothing and holds nothing.
+    pub fn fresh(batch_size: usize, max_batches: usize) -> Claim<'static> {
+        Claim { completed: &[], publishing_through: None, batch_size, max_batches }
+    }
+}
+
 /// The state of the outbox, for lag reporting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct OutboxState {
@@ -256,10 +275,12 @@ pub trait Store: Send + Sync {
     async fn read(&self, lookups: &[Lookup]) -> Result<Vec<Found>, StoreError>;
     /// Up to `limit` unpublished changes, in publishing order (see the module invariants).
     async fn pending_changes(&self, limit: usize) -> Result<Vec<PendingChange>, StoreError>;
-    /// The batches to publish next, in publishing order: the batches claimed earlier and not yet
-    /// completed if there are any; otherwise up to `max_batches` new batches of at most `batch_size`
-    /// changes cut from the outbox in publishing order, recorded before they are returned.
-    async fn claim_batches(&self, batch_size: usize, max_batches: usize) -> Result<Vec<ChangeBatch>, StoreError>;
+    /// In one transaction: completes `claim.completed` (as [`Store::complete_batches`] does), then
+    /// returns the batches to publish next, in publishing order: the batches claimed earlier, not
+    /// completed and not in the caller's hands (ids above `claim.publishing_through`) if there are any;
+    /// otherwise up to `max_batches` new batches of at most `batch_size` changes cut from the outbox
+    /// rows no batch holds, in publishing order, recorded before they are returned.
+    async fn claim_batches(&self, claim: Claim<'_>) -> Result<Vec<ChangeBatch>, StoreError>;
     /// Removes confirmed batches and their outbox rows, in one transaction.
     async fn complete_batches(&self, batches: &[ChangeBatch]) -> Result<(), StoreError>;
     /// How many changes wait and since when.

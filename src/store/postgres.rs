@@ -17,8 +17,8 @@ use tokio::sync::Notify;
 use uuid::Uuid;
 
 use super::{
-    ChangeBatch, Current, Found, Lookup, NewVersion, OutboxState, PendingChange, PublisherLease, ResourceKey, Store,
-    StoreError, StoreTx, Write, change_type, classify,
+    ChangeBatch, Claim, Current, Found, Lookup, NewVersion, OutboxState, PendingChange, PublisherLease, ResourceKey,
+    Store, StoreError, StoreTx, Write, change_type, classify,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
@@ -47,9 +47,35 @@ impl PostgresStore {
             .await
             .map_err(classify)?;
         MIGRATOR.run(&pool).await.map_err(|e| StoreError::Migration(e.to_string()))?;
-        let publisher_pool =
-            PgPoolOptions::new().max_connections(3).acquire_timeout(Duration::from_secs(10)).connect_lazy_with(options);
+        // The publisher's own bookkeeping commits without waiting for the WAL flush: its commits are visible
+        // at once and survive any crash of ours, and only a crash of the database server within the flush
+        // delay (`wal_writer_delay`, 200 ms by default) could undo one. Undoing a completion republishes a
+        // batch (same messageId); undoing a claim lets the batch be cut again (a repeat under another
+        // messageId). No change is ever lost either way, and the publisher never waits on fsyncs.
+        let publisher_options = options.options([("synchronous_commit", "off")]);
+        let publisher_pool = PgPoolOptions::new()
+            .max_connections(3)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_lazy_with(publisher_options);
         Ok(PostgresStore { pool, publisher_pool, deleted_since_vacuum: Arc::default() })
+    }
+
+    /// The outbox is small but churns: every change is inserted and deleted once. Autovacuum visits at
+    /// most once a minute, and meanwhile the publisher's reads would wade through dead rows; so the
+    /// publisher vacuums its own tables as it goes (a cheap, non-blocking pass, off the publishing path).
+    fn outbox_rows_deleted(&self, count: usize) {
+        let deleted = self.deleted_since_vacuum.fetch_add(count as u64, std::sync::atomic::Ordering::Relaxed);
+        if deleted + count as u64 >= OUTBOX_VACUUM_AFTER {
+            self.deleted_since_vacuum.store(0, std::sync::atomic::Ordering::Relaxed);
+            let pool = self.publisher_pool.clone();
+            tokio::spawn(async move {
+                if let Err(e) =
+                    sqlx::query("VACUUM (SKIP_LOCKED) pending_changes, publish_batches").execute(&pool).await
+                {
+                    tracing::debug!(error = %e, "vacuuming the outbox failed; autovacuum will do it");
+                }
+            });
+        }
     }
 
     /// The connection pool (tests).
@@ -84,16 +110,6 @@ async fn pending_rows(conn: &mut PgConnection, limit: usize) -> Result<Vec<Pendi
     .await
     .map_err(classify)?;
     rows.iter().map(pending_from_row).collect()
-}
-
-/// The publisher's own bookkeeping commits without waiting for the WAL flush: its commits are visible at
-/// once and survive any crash of ours, and only a crash of the database server within the flush delay
-/// (`wal_writer_delay`, 200 ms by default) could undo one. Undoing a completion republishes a batch
-/// (same messageId); undoing a claim lets the batch be cut again (a repeat under another messageId).
-/// No change is ever lost either way, and the publisher stops waiting on fsyncs the bridge also needs.
-async fn relaxed_commit(tx: &mut Transaction<'static, Postgres>) -> Result<(), StoreError> {
-    sqlx::query("SET LOCAL synchronous_commit = off").execute(&mut **tx).await.map_err(classify)?;
-    Ok(())
 }
 
 /// The publisher's leadership: held as long as this connection lives.
@@ -197,73 +213,49 @@ impl Store for PostgresStore {
         pending_rows(&mut conn, limit).await
     }
 
-    async fn claim_batches(&self, batch_size: usize, max_batches: usize) -> Result<Vec<ChangeBatch>, StoreError> {
-        let mut tx = self.publisher_pool.begin().await.map_err(classify)?;
-        relaxed_commit(&mut tx).await?;
-        // Claims are serialised so that two processes that both believe they lead never cut the
-        // same rows into different batches.
-        sqlx::query("LOCK TABLE publish_batches IN EXCLUSIVE MODE").execute(&mut *tx).await.map_err(classify)?;
-        let open: Vec<(i64, Vec<i64>)> = sqlx::query_as("SELECT id, seqs FROM publish_batches ORDER BY id")
-            .fetch_all(&mut *tx)
+    async fn claim_batches(&self, claim: Claim<'_>) -> Result<Vec<ChangeBatch>, StoreError> {
+        let (completed_ids, completed_seqs) = ChangeBatch::ids_and_seqs(claim.completed);
+        let rows = sqlx::query("SELECT * FROM fhir_pubsub_claim_batches($1, $2, $3, $4, $5)")
+            .bind(&completed_ids)
+            .bind(&completed_seqs)
+            .bind(claim.publishing_through.unwrap_or(0))
+            .bind(i32::try_from(claim.batch_size.max(1)).unwrap_or(i32::MAX))
+            .bind(i32::try_from(claim.max_batches.max(1)).unwrap_or(i32::MAX))
+            .fetch_all(&self.publisher_pool)
             .await
             .map_err(classify)?;
-        let batches = if open.is_empty() {
-            let changes = pending_rows(&mut tx, batch_size.max(1).saturating_mul(max_batches.max(1))).await?;
-            let mut batches = Vec::new();
-            for chunk in changes.chunks(batch_size.max(1)) {
-                let seqs: Vec<i64> = chunk.iter().map(|c| c.seq).collect();
-                let id: i64 = sqlx::query_scalar("INSERT INTO publish_batches (seqs) VALUES ($1) RETURNING id")
-                    .bind(&seqs)
-                    .fetch_one(&mut *tx)
-                    .await
-                    .map_err(classify)?;
-                batches.push(ChangeBatch { id, changes: chunk.to_vec() });
+        let mut batches: Vec<ChangeBatch> = Vec::new();
+        for row in &rows {
+            let id: i64 = row.try_get("batch_id").map_err(classify)?;
+            if row.try_get::<Option<String>, _>("change_type").map_err(classify)?.is_none() {
+                let seq: i64 = row.try_get("seq").map_err(classify)?;
+                return Err(StoreError::Database(format!(
+                    "publish batch {id} names change {seq}, which is not in the log"
+                )));
             }
-            batches
-        } else {
-            let all: Vec<i64> = open.iter().flat_map(|(_, seqs)| seqs.iter().copied()).collect();
-            let rows = sqlx::query(
-                "SELECT seq, txid::text::bigint AS txid, resource_type, resource_id, version_id, change_type, body, \
-                        recorded_at FROM resource_versions WHERE seq = ANY($1)",
-            )
-            .bind(&all)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(classify)?;
-            let changes = rows.iter().map(pending_from_row).collect::<Result<Vec<_>, _>>()?;
-            super::reassemble(open, changes)?
-        };
-        tx.commit().await.map_err(classify)?;
+            let change = pending_from_row(row)?;
+            match batches.last_mut() {
+                Some(batch) if batch.id == id => batch.changes.push(change),
+                _ => batches.push(ChangeBatch { id, changes: vec![change] }),
+            }
+        }
+        self.outbox_rows_deleted(completed_seqs.len());
         Ok(batches)
     }
 
     async fn complete_batches(&self, batches: &[ChangeBatch]) -> Result<(), StoreError> {
         let (ids, seqs) = ChangeBatch::ids_and_seqs(batches);
-        let mut tx = self.publisher_pool.begin().await.map_err(classify)?;
-        relaxed_commit(&mut tx).await?;
-        sqlx::query("DELETE FROM pending_changes WHERE seq = ANY($1)")
-            .bind(&seqs)
-            .execute(&mut *tx)
-            .await
-            .map_err(classify)?;
-        sqlx::query("DELETE FROM publish_batches WHERE id = ANY($1)")
-            .bind(&ids)
-            .execute(&mut *tx)
-            .await
-            .map_err(classify)?;
-        tx.commit().await.map_err(classify)?;
-        // The outbox is small but churns: every change is inserted and deleted once. Autovacuum visits
-        // at most once a minute, and meanwhile the publisher's reads would wade through dead rows; so
-        // the publisher vacuums its own tables as it goes (a cheap, non-blocking pass).
-        let deleted = self.deleted_since_vacuum.fetch_add(seqs.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        if deleted + seqs.len() as u64 >= OUTBOX_VACUUM_AFTER {
-            self.deleted_since_vacuum.store(0, std::sync::atomic::Ordering::Relaxed);
-            if let Err(e) =
-                sqlx::query("VACUUM (SKIP_LOCKED) pending_changes, publish_batches").execute(&self.publisher_pool).await
-            {
-                tracing::debug!(error = %e, "vacuuming the outbox failed; autovacuum will do it");
-            }
-        }
+        // One statement, so one transaction and one round trip.
+        sqlx::query(
+            "WITH done AS (DELETE FROM publish_batches WHERE id = ANY($1)) \
+             DELETE FROM pending_changes WHERE seq = ANY($2)",
+        )
+        .bind(&ids)
+        .bind(&seqs)
+        .execute(&self.publisher_pool)
+        .await
+        .map_err(classify)?;
+        self.outbox_rows_deleted(seqs.len());
         Ok(())
     }
 

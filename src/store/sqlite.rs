@@ -17,8 +17,8 @@ use tokio::sync::{Mutex, Notify, OwnedMutexGuard};
 use uuid::Uuid;
 
 use super::{
-    ChangeBatch, Current, Found, Lookup, OutboxState, PendingChange, PublisherLease, ResourceKey, Store, StoreError,
-    StoreTx, Write, change_type, classify,
+    ChangeBatch, Claim, Current, Found, Lookup, OutboxState, PendingChange, PublisherLease, ResourceKey, Store,
+    StoreError, StoreTx, Write, change_type, classify,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
@@ -79,16 +79,37 @@ const LEASE: Duration = Duration::from_secs(5);
 const LEASE_RENEW_AFTER: Duration = Duration::from_secs(1);
 
 /// Up to `limit` outbox rows in publishing order. With one writer at a time, `seq` order is commit order.
-async fn pending_rows(conn: &mut SqliteConnection, limit: usize) -> Result<Vec<PendingChange>, StoreError> {
+async fn pending_rows(
+    conn: &mut SqliteConnection,
+    after_seq: i64,
+    limit: usize,
+) -> Result<Vec<PendingChange>, StoreError> {
     let rows = sqlx::query(
         "SELECT v.seq, v.txid, v.resource_type, v.resource_id, v.version_id, v.change_type, v.body, v.recorded_at \
-         FROM pending_changes p JOIN resource_versions v ON v.seq = p.seq ORDER BY p.seq LIMIT ?",
+         FROM pending_changes p JOIN resource_versions v ON v.seq = p.seq WHERE p.seq > ? ORDER BY p.seq LIMIT ?",
     )
+    .bind(after_seq)
     .bind(i64::try_from(limit).unwrap_or(i64::MAX))
     .fetch_all(conn)
     .await
     .map_err(classify)?;
     rows.iter().map(pending_from_row).collect()
+}
+
+/// Deletes confirmed batches and their outbox rows.
+async fn delete_completed(conn: &mut SqliteConnection, batches: &[ChangeBatch]) -> Result<(), StoreError> {
+    let (ids, seqs) = ChangeBatch::ids_and_seqs(batches);
+    sqlx::query("DELETE FROM pending_changes WHERE seq IN (SELECT value FROM json_each(?))")
+        .bind(json_list(&seqs)?)
+        .execute(&mut *conn)
+        .await
+        .map_err(classify)?;
+    sqlx::query("DELETE FROM publish_batches WHERE id IN (SELECT value FROM json_each(?))")
+        .bind(json_list(&ids)?)
+        .execute(&mut *conn)
+        .await
+        .map_err(classify)?;
+    Ok(())
 }
 
 fn json_list(values: &[i64]) -> Result<String, StoreError> {
@@ -233,20 +254,35 @@ impl Store for SqliteStore {
 
     async fn pending_changes(&self, limit: usize) -> Result<Vec<PendingChange>, StoreError> {
         let mut conn = self.pool.acquire().await.map_err(classify)?;
-        pending_rows(&mut conn, limit).await
+        pending_rows(&mut conn, 0, limit).await
     }
 
-    async fn claim_batches(&self, batch_size: usize, max_batches: usize) -> Result<Vec<ChangeBatch>, StoreError> {
+    async fn claim_batches(&self, claim: Claim<'_>) -> Result<Vec<ChangeBatch>, StoreError> {
         let _guard = self.write_lock.lock().await;
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(classify)?;
-        let open: Vec<(i64, String)> = sqlx::query_as("SELECT id, seqs FROM publish_batches ORDER BY id")
+        if !claim.completed.is_empty() {
+            delete_completed(&mut tx, claim.completed).await?;
+        }
+        let mut held_through = 0;
+        let mut open = Vec::new();
+        let rows: Vec<(i64, String)> = sqlx::query_as("SELECT id, seqs FROM publish_batches ORDER BY id")
             .fetch_all(&mut *tx)
             .await
             .map_err(classify)?;
+        for (id, text) in rows {
+            let seqs: Vec<i64> = serde_json::from_str(&text)
+                .map_err(|e| StoreError::Database(format!("publish batch {id} has unreadable seqs: {e}")))?;
+            held_through = held_through.max(seqs.iter().copied().max().unwrap_or(0));
+            if claim.publishing_through.is_none_or(|through| id > through) {
+                open.push((id, seqs));
+            }
+        }
         let batches = if open.is_empty() {
-            let changes = pending_rows(&mut tx, batch_size.max(1).saturating_mul(max_batches.max(1))).await?;
+            // One writer at a time: seq order is commit order, and open batches hold a prefix of it.
+            let limit = claim.batch_size.max(1).saturating_mul(claim.max_batches.max(1));
+            let changes = pending_rows(&mut tx, held_through, limit).await?;
             let mut batches = Vec::new();
-            for chunk in changes.chunks(batch_size.max(1)) {
+            for chunk in changes.chunks(claim.batch_size.max(1)) {
                 let seqs: Vec<i64> = chunk.iter().map(|c| c.seq).collect();
                 let id: i64 = sqlx::query_scalar("INSERT INTO publish_batches (seqs) VALUES (?) RETURNING id")
                     .bind(json_list(&seqs)?)
@@ -255,17 +291,9 @@ impl Store for SqliteStore {
                     .map_err(classify)?;
                 batches.push(ChangeBatch { id, changes: chunk.to_vec() });
             }
-            tx.commit().await.map_err(classify)?;
             batches
         } else {
-            let mut claimed = Vec::with_capacity(open.len());
-            let mut all = Vec::new();
-            for (id, text) in open {
-                let seqs: Vec<i64> = serde_json::from_str(&text)
-                    .map_err(|e| StoreError::Database(format!("publish batch {id} has unreadable seqs: {e}")))?;
-                all.extend_from_slice(&seqs);
-                claimed.push((id, seqs));
-            }
+            let all: Vec<i64> = open.iter().flat_map(|(_, seqs)| seqs.iter().copied()).collect();
             let rows = sqlx::query(
                 "SELECT seq, txid, resource_type, resource_id, version_id, change_type, body, recorded_at \
                  FROM resource_versions WHERE seq IN (SELECT value FROM json_each(?))",
@@ -274,27 +302,17 @@ impl Store for SqliteStore {
             .fetch_all(&mut *tx)
             .await
             .map_err(classify)?;
-            tx.rollback().await.map_err(classify)?;
             let changes = rows.iter().map(pending_from_row).collect::<Result<Vec<_>, _>>()?;
-            super::reassemble(claimed, changes)?
+            super::reassemble(open, changes)?
         };
+        tx.commit().await.map_err(classify)?;
         Ok(batches)
     }
 
     async fn complete_batches(&self, batches: &[ChangeBatch]) -> Result<(), StoreError> {
-        let (ids, seqs) = ChangeBatch::ids_and_seqs(batches);
         let _guard = self.write_lock.lock().await;
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(classify)?;
-        sqlx::query("DELETE FROM pending_changes WHERE seq IN (SELECT value FROM json_each(?))")
-            .bind(json_list(&seqs)?)
-            .execute(&mut *tx)
-            .await
-            .map_err(classify)?;
-        sqlx::query("DELETE FROM publish_batches WHERE id IN (SELECT value FROM json_each(?))")
-            .bind(json_list(&ids)?)
-            .execute(&mut *tx)
-            .await
-            .map_err(classify)?;
+        delete_completed(&mut tx, batches).await?;
         tx.commit().await.map_err(classify)
     }
 

@@ -581,7 +581,10 @@ async fn forward(
         let delivery = match item {
             Ok(delivery) => delivery,
             Err(e) => {
-                tracing::warn!(error = %e, "consumer stopped");
+                // Closing the transport ends the consumer this way too: that is no news.
+                if inner.upgrade().is_some_and(|i| !i.closed.load(Ordering::SeqCst)) {
+                    tracing::warn!(error = %e, "consumer stopped");
+                }
                 break;
             }
         };
@@ -631,6 +634,7 @@ async fn supervise(inner: Weak<Inner>, mut shutdown: watch::Receiver<bool>) {
                         Ok(session) => {
                             inner.set_session(Some(Arc::clone(&session)));
                             tracing::info!("reconnected to RabbitMQ");
+                            metrics::counter!(crate::observe::metrics::BROKER_RECONNECTS).increment(1);
                             failures = 0;
                             Duration::ZERO
                         }
