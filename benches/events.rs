@@ -31,6 +31,8 @@ use sqlx::Connection as _;
 use tokio::sync::watch;
 use uuid::Uuid;
 
+#[path = "../tests/amqp_support/mod.rs"]
+mod amqp_support;
 #[path = "support/commit_clock.rs"]
 mod commit_clock;
 #[path = "../tests/event_sink/mod.rs"]

@@ -4,6 +4,7 @@
 //! Each test runs its own bridge (in process, on its own store) on a random application queue and
 //! publishes to that queue's own exchange, so tests running in parallel never see each other's commands.
 
+mod amqp_support;
 mod common;
 
 use std::collections::HashMap;
@@ -98,15 +99,7 @@ impl Running {
     /// A durable fanout exchange with a queue of the same name bound to it (the Postman form).
     async fn reply_queue(&mut self) -> String {
         let name = format!("fhir-pubsub-test-reply-{}", Uuid::new_v4().simple());
-        self.channel
-            .exchange_declare(
-                name.as_str().into(),
-                ExchangeKind::Fanout,
-                ExchangeDeclareOptions { durable: true, ..Default::default() },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
+        amqp_support::durable_fanout(&self.channel, &name).await;
         self.declare_bound_queue(&name, true).await;
         self.cleanup.push(name.clone());
         name
@@ -117,10 +110,7 @@ impl Running {
             .queue_declare(name.into(), QueueDeclareOptions { durable, ..Default::default() }, FieldTable::default())
             .await
             .unwrap();
-        self.channel
-            .queue_bind(name.into(), name.into(), "".into(), QueueBindOptions::default(), FieldTable::default())
-            .await
-            .unwrap();
+        amqp_support::bind(&self.channel, name, name).await;
     }
 
     /// The next message of a queue, waiting up to 15 s.

@@ -5,6 +5,7 @@
 //! The event exchanges are shared by every bridge on the broker, so each test names its resources with a
 //! tag of its own and keeps only the messages about them.
 
+mod amqp_support;
 mod bridge_process;
 mod common;
 mod event_sink;

@@ -6,6 +6,8 @@
 //! beside other users of the broker; the event exchanges are shared, so event checks look for the
 //! test's own resource id.
 
+mod amqp_support;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -17,11 +19,10 @@ use fhir_pubsub::contracts::{
 };
 use fhir_pubsub::envelope::{Envelope, encode};
 use lapin::options::{
-    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
-    QueueDeclareOptions, QueueDeleteOptions,
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{BasicProperties, Connection, ConnectionProperties};
 use serde_json::value::RawValue;
 use tokio::io::AsyncBufReadExt;
 use uuid::Uuid;
@@ -240,26 +241,10 @@ impl IdleEndpoint {
         let name = unique("fhir-pubsub-cli-idle");
         let connection = Connection::connect(AMQP, ConnectionProperties::default()).await.expect("RabbitMQ");
         let channel = connection.create_channel().await.unwrap();
-        let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
-        channel
-            .exchange_declare(name.as_str().into(), ExchangeKind::Fanout, durable, FieldTable::default())
-            .await
-            .unwrap();
         if with_queue {
-            channel
-                .queue_declare(name.as_str().into(), QueueDeclareOptions::default(), FieldTable::default())
-                .await
-                .unwrap();
-            channel
-                .queue_bind(
-                    name.as_str().into(),
-                    name.as_str().into(),
-                    "".into(),
-                    QueueBindOptions::default(),
-                    FieldTable::default(),
-                )
-                .await
-                .unwrap();
+            amqp_support::queue_on_fanout(&channel, &name, &name, QueueDeclareOptions::default()).await;
+        } else {
+            amqp_support::durable_fanout(&channel, &name).await;
         }
         IdleEndpoint { name, connection }
     }

@@ -6,6 +6,7 @@
 //! Each test runs `fhir-pubsub run` on its own store and application queue, with the HTTP endpoints
 //! on a free port, against the local RabbitMQ and PostgreSQL.
 
+mod amqp_support;
 mod bridge_process;
 mod common;
 mod event_sink;
@@ -21,11 +22,10 @@ use std::time::{Duration, Instant};
 use bridge_process::BridgeProcess;
 use event_sink::{ChangeKey, EventSink, key_of};
 use lapin::options::{
-    BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions,
-    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+    BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
 };
-use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
 use uuid::Uuid;
@@ -106,33 +106,8 @@ impl Client {
         channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
         let replies = format!("fhir-pubsub-test-replies-{}", Uuid::new_v4().simple());
         // The MassTransit form of a reply endpoint: a fanout exchange with a queue of the same name bound to it.
-        channel
-            .exchange_declare(
-                replies.as_str().into(),
-                ExchangeKind::Fanout,
-                ExchangeDeclareOptions { durable: true, ..Default::default() },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        channel
-            .queue_declare(
-                replies.as_str().into(),
-                QueueDeclareOptions { durable: true, ..Default::default() },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        channel
-            .queue_bind(
-                replies.as_str().into(),
-                replies.as_str().into(),
-                "".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
+        let durable = QueueDeclareOptions { durable: true, ..Default::default() };
+        amqp_support::queue_on_fanout(&channel, &replies, &replies, durable).await;
         Client { connection, channel, queue: queue.to_owned(), replies }
     }
 

@@ -6,6 +6,8 @@
 //! hold for reading, so they never run during the outage.
 #![cfg(feature = "rabbitmq")]
 
+mod amqp_support;
+
 use std::time::Duration;
 
 use fhir_pubsub::contracts::MessageType;
@@ -390,23 +392,8 @@ async fn send_falls_back_to_passive_declare_on_406() {
     let name = unique("bus");
     // The exchange exists durable; the address asks for a temporary one: the declare gets a 406.
     let channel = raw.channel().await;
-    let durable = ExchangeDeclareOptions { durable: true, ..ExchangeDeclareOptions::default() };
-    channel
-        .exchange_declare(name.as_str().into(), ExchangeKind::Fanout, durable, FieldTable::default())
-        .await
-        .expect("x");
     let queue_flags = QueueDeclareOptions { auto_delete: true, ..QueueDeclareOptions::default() };
-    channel.queue_declare(name.as_str().into(), queue_flags, FieldTable::default()).await.expect("queue");
-    channel
-        .queue_bind(
-            name.as_str().into(),
-            name.as_str().into(),
-            "".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("bind");
+    amqp_support::queue_on_fanout(&channel, &name, &name, queue_flags).await;
 
     let transport = RabbitMqTransport::connect(options(&unique("unused"))).await.expect("connect");
     let address = format!("amqp://127.0.0.1/{name}?temporary=true");
@@ -525,23 +512,8 @@ async fn publish_reaches_queues_bound_to_the_event_exchange() {
     let listener = unique("events");
     let channel = raw.channel().await;
     let exchange = MessageType::ResourcesChangedLightEvent.exchange();
-    let durable = ExchangeDeclareOptions { durable: true, ..ExchangeDeclareOptions::default() };
-    channel
-        .exchange_declare(exchange.as_str().into(), ExchangeKind::Fanout, durable, FieldTable::default())
-        .await
-        .expect("x");
     let queue_flags = QueueDeclareOptions { exclusive: true, auto_delete: true, ..QueueDeclareOptions::default() };
-    channel.queue_declare(listener.as_str().into(), queue_flags, FieldTable::default()).await.expect("queue");
-    channel
-        .queue_bind(
-            listener.as_str().into(),
-            exchange.as_str().into(),
-            "".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("bind");
+    amqp_support::queue_on_fanout(&channel, &exchange, &listener, queue_flags).await;
 
     let mut event = message(r#"{"changes":[]}"#);
     event.time_to_live = None;

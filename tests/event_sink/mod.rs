@@ -1,6 +1,7 @@
 //! A consumer of the two change-event exchanges, for the tests and the benchmark: it keeps the event
 //! messages about resources whose id starts with a tag (the exchanges are shared by every bridge on the
 //! broker), with their messageId, arrival time and changes.
+//! Its includer declares `mod amqp_support;` (the RabbitMQ set-up helpers it uses).
 #![allow(dead_code)]
 
 use std::collections::HashSet;
@@ -12,9 +13,9 @@ use fhir_pubsub::contracts::{ChangeType, MessageType};
 use fhir_pubsub::store::PendingChange;
 use fhir_pubsub::transport::TransportMeta;
 use futures::StreamExt;
-use lapin::options::{BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::{BasicConsumeOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
-use lapin::{Connection, ConnectionProperties, ExchangeKind};
+use lapin::{Connection, ConnectionProperties};
 use uuid::Uuid;
 
 pub const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -91,25 +92,8 @@ impl EventSink {
             .unwrap();
         for message_type in [MessageType::ResourcesChangedEvent, MessageType::ResourcesChangedLightEvent] {
             let exchange = message_type.exchange();
-            channel
-                .exchange_declare(
-                    exchange.as_str().into(),
-                    ExchangeKind::Fanout,
-                    ExchangeDeclareOptions { durable: true, ..Default::default() },
-                    FieldTable::default(),
-                )
-                .await
-                .unwrap();
-            channel
-                .queue_bind(
-                    queue.name().clone(),
-                    exchange.as_str().into(),
-                    "".into(),
-                    QueueBindOptions::default(),
-                    FieldTable::default(),
-                )
-                .await
-                .unwrap();
+            crate::amqp_support::durable_fanout(&channel, &exchange).await;
+            crate::amqp_support::bind(&channel, queue.name().as_str(), &exchange).await;
         }
         let mut consumer = channel
             .basic_consume(
