@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use fhir_pubsub::bridge::GroupCommit;
 use fhir_pubsub::contracts::read::{self, StorePlanMessage};
 use fhir_pubsub::contracts::{ChangeType, ExecuteStorePlanResponse, RetrievePlanResponse, StatusCode, StatusDetails};
 use fhir_pubsub::plan::{PlanLimits, StoreJob, execute_retrieve_plan, execute_store_plans, validate_store_plan};
@@ -472,6 +473,47 @@ async fn plans_in_one_group_commit_fail_alone(store: &common::TestStore) {
     assert_eq!(keys, vec!["Patient/g1", "Patient/g3"]);
 }
 both_stores!(group_commit, plans_in_one_group_commit_fail_alone);
+
+/// The bridge's group commit: 40 commands at once through one transaction slot share transactions,
+/// and each still gets its own outcome: the 30 good plans are applied, the 10 that update a missing
+/// resource get UpdateFailedResourceNotFound and store nothing, a repeated messageId is answered from
+/// the inbox.
+async fn grouped_commands_keep_their_own_outcomes(store: &common::TestStore) {
+    let group = Arc::new(GroupCommit::new(1));
+    let store: Arc<dyn Store> = store.store.clone();
+    let repeated = Uuid::new_v4();
+    let mut tasks = Vec::new();
+    for n in 0..40 {
+        let (group, store) = (group.clone(), store.clone());
+        tasks.push(tokio::spawn(async move {
+            let plan = if n % 4 == 3 {
+                json!({"instructions": [{"itemId": "0", "operation": "update", "resource": patient(&format!("missing{n}"), "1", "M")}]})
+            } else {
+                json!({"instructions": [upsert("0", patient(&format!("p{n}"), "1", "P"))]})
+            };
+            let id = if n == 0 { repeated } else { Uuid::new_v4() };
+            (n, group.execute(store.as_ref(), job(&plan.to_string(), Some(id))).await.expect("store reachable"))
+        }));
+    }
+    for task in tasks {
+        let (n, outcome) = task.await.unwrap();
+        if n % 4 == 3 {
+            assert_eq!(outcome.response.errors.len(), 1, "plan {n}: {outcome:?}");
+            assert_eq!(outcome.response.errors[0].status.details, Some(StatusDetails::UpdateFailedResourceNotFound));
+        } else {
+            assert_applied(&outcome.response);
+            assert_eq!(outcome.changes, 1, "plan {n}");
+        }
+    }
+    assert!(group.groups() < 40, "no group formed: {} transactions for 40 plans", group.groups());
+    let keys: HashSet<String> = store.version_log().await.unwrap().iter().map(|c| c.key.to_string()).collect();
+    let expected: HashSet<String> = (0..40).filter(|n| n % 4 != 3).map(|n| format!("Patient/p{n}")).collect();
+    assert_eq!(keys, expected);
+    let plan = json!({"instructions": [upsert("0", patient("p0", "1", "P"))]}).to_string();
+    let again = group.execute(store.as_ref(), job(&plan, Some(repeated))).await.unwrap();
+    assert!(again.replayed && again.changes == 0, "{again:?}");
+}
+both_stores!(bridge_group_commit, grouped_commands_keep_their_own_outcomes);
 
 async fn a_foreign_sql_write_is_recorded(store: &common::TestStore) {
     let body = patient("f", "1", "Foreign");
