@@ -740,3 +740,29 @@ async fn concurrent_writers_and_a_reader(store: &common::TestStore) {
     );
 }
 both_stores!(concurrent_change_log, concurrent_writers_and_a_reader);
+
+/// Data PostgreSQL refuses (a NUL character in the id, which its text cannot hold) fails only its own
+/// plan, alone or in a group: the reply says the database refused it, nothing of it is stored, the
+/// refusal is in the inbox, and the other plans of the group are applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_refused_data_fails_its_plan_alone_or_in_a_group() {
+    let store = common::TestStore::new(common::Kind::Postgres).await;
+    let refused = json!({"resourceType": "Patient", "id": "nul\u{0}byte", "meta": {"versionId": "1", "lastUpdated": "2024-01-01T00:00:00Z"}})
+    .to_string();
+    let refused_plan = json!({"instructions": [upsert("0", refused)]}).to_string();
+    let refused_id = Uuid::new_v4();
+    let alone = execute_store_plans(&*store, &[job(&refused_plan, Some(refused_id))]).await.unwrap().remove(0);
+    assert_eq!(alone.response.errors.len(), 1, "{alone:?}");
+    assert_eq!(alone.response.errors[0].status.details, Some(StatusDetails::BadRequestWrongPayloadFormat));
+    assert!(alone.response.errors[0].message.as_deref().unwrap_or("").contains("refused"), "{alone:?}");
+    assert_eq!(alone.changes, 0);
+    let replay = execute_store_plans(&*store, &[job(&refused_plan, Some(refused_id))]).await.unwrap().remove(0);
+    assert!(replay.replayed && replay.response == alone.response, "{replay:?}");
+
+    let good = json!({"instructions": [upsert("0", patient("fine", "1", "F"))]}).to_string();
+    let grouped = execute_store_plans(&*store, &[job(&good, None), job(&refused_plan, None)]).await.unwrap();
+    assert_applied(&grouped[0].response);
+    assert_eq!(grouped[1].response.errors[0].status.details, Some(StatusDetails::BadRequestWrongPayloadFormat));
+    let keys: Vec<String> = store.version_log().await.unwrap().iter().map(|c| c.key.to_string()).collect();
+    assert_eq!(keys, vec!["Patient/fine"]);
+}
