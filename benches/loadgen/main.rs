@@ -393,8 +393,13 @@ async fn main() -> anyhow::Result<()> {
         rpc::declare_endpoint(&connection.create_channel().await?, &echo_queue).await?;
         let _ = connection.close(200, "declared".into()).await;
     }
-    let echo = process::start_echo(&echo_queue, PREFETCH, CONCURRENCY)?;
+    let echo_log = logs.path().join("echo.log");
+    let mut echo = process::start_echo(&echo_queue, PREFETCH, CONCURRENCY, &echo_log)?;
     let broker_ceiling = sweep(&echo_queue, &format!("e{run_id}"), &plan, echo.pid()).await?;
+    if let Some(status) = echo.exited() {
+        let log = std::fs::read_to_string(&echo_log).unwrap_or_default();
+        anyhow::bail!("the echo responder stopped during the run ({status}): {log}");
+    }
     drop(echo);
     rpc::delete_endpoint(&echo_queue).await;
 

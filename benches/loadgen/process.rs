@@ -20,6 +20,11 @@ impl ChildProcess {
         self.child.id()
     }
 
+    /// `Some(status)` once the process has exited.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
     /// Peak and current resident memory in MiB (`VmHWM`, `VmRSS`).
     pub fn memory_mib(&self) -> (f64, f64) {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
@@ -109,12 +114,15 @@ impl Bridge {
     }
 }
 
-/// Starts this program again as the echo responder on `queue`.
-pub fn start_echo(queue: &str, prefetch: u16, concurrency: usize) -> anyhow::Result<ChildProcess> {
+/// Starts this program again as the echo responder on `queue`, its output in `log`.
+pub fn start_echo(queue: &str, prefetch: u16, concurrency: usize, log: &Path) -> anyhow::Result<ChildProcess> {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
     let child = Command::new(std::env::current_exe()?)
         .args(["--bench", "--echo", queue, "--prefetch", &prefetch.to_string()])
         .args(["--concurrency", &concurrency.to_string()])
         .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
         .spawn()?;
     Ok(ChildProcess { child, started: Instant::now() })
 }

@@ -178,7 +178,11 @@ pub async fn drive(exchange: &str, body: Arc<BodyFn>, load: Load) -> anyhow::Res
         if load.max_requests.is_some_and(|max| sent >= max) || Instant::now() >= window_end {
             break;
         }
-        permits.acquire().await?.forget();
+        // A responder that stopped answering must not hang the run: give up at the window's end.
+        tokio::select! {
+            permit = permits.acquire() => permit?.forget(),
+            _ = tokio::time::sleep_until((window_end + DRAIN_LIMIT).into()) => break,
+        }
         let id = Uuid::now_v7();
         let data = body(sent, id, &response_address);
         sent_at.lock().unwrap().insert(id, Instant::now());
