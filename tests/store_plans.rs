@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use fhir_pubsub::bridge::GroupCommit;
 use fhir_pubsub::contracts::read::{self, StorePlanMessage};
 use fhir_pubsub::contracts::{ChangeType, ExecuteStorePlanResponse, RetrievePlanResponse, StatusCode, StatusDetails};
 use fhir_pubsub::plan::{PlanLimits, StoreJob, execute_retrieve_plan, execute_store_plans, validate_store_plan};
@@ -473,6 +474,47 @@ async fn plans_in_one_group_commit_fail_alone(store: &common::TestStore) {
 }
 both_stores!(group_commit, plans_in_one_group_commit_fail_alone);
 
+/// The bridge's group commit: 40 commands at once through one transaction slot share transactions,
+/// and each still gets its own outcome: the 30 good plans are applied, the 10 that update a missing
+/// resource get UpdateFailedResourceNotFound and store nothing, a repeated messageId is answered from
+/// the inbox.
+async fn grouped_commands_keep_their_own_outcomes(store: &common::TestStore) {
+    let group = Arc::new(GroupCommit::new(1));
+    let store: Arc<dyn Store> = store.store.clone();
+    let repeated = Uuid::new_v4();
+    let mut tasks = Vec::new();
+    for n in 0..40 {
+        let (group, store) = (group.clone(), store.clone());
+        tasks.push(tokio::spawn(async move {
+            let plan = if n % 4 == 3 {
+                json!({"instructions": [{"itemId": "0", "operation": "update", "resource": patient(&format!("missing{n}"), "1", "M")}]})
+            } else {
+                json!({"instructions": [upsert("0", patient(&format!("p{n}"), "1", "P"))]})
+            };
+            let id = if n == 0 { repeated } else { Uuid::new_v4() };
+            (n, group.execute(store.as_ref(), job(&plan.to_string(), Some(id))).await.expect("store reachable"))
+        }));
+    }
+    for task in tasks {
+        let (n, outcome) = task.await.unwrap();
+        if n % 4 == 3 {
+            assert_eq!(outcome.response.errors.len(), 1, "plan {n}: {outcome:?}");
+            assert_eq!(outcome.response.errors[0].status.details, Some(StatusDetails::UpdateFailedResourceNotFound));
+        } else {
+            assert_applied(&outcome.response);
+            assert_eq!(outcome.changes, 1, "plan {n}");
+        }
+    }
+    assert!(group.groups() < 40, "no group formed: {} transactions for 40 plans", group.groups());
+    let keys: HashSet<String> = store.version_log().await.unwrap().iter().map(|c| c.key.to_string()).collect();
+    let expected: HashSet<String> = (0..40).filter(|n| n % 4 != 3).map(|n| format!("Patient/p{n}")).collect();
+    assert_eq!(keys, expected);
+    let plan = json!({"instructions": [upsert("0", patient("p0", "1", "P"))]}).to_string();
+    let again = group.execute(store.as_ref(), job(&plan, Some(repeated))).await.unwrap();
+    assert!(again.replayed && again.changes == 0, "{again:?}");
+}
+both_stores!(bridge_group_commit, grouped_commands_keep_their_own_outcomes);
+
 async fn a_foreign_sql_write_is_recorded(store: &common::TestStore) {
     let body = patient("f", "1", "Foreign");
     let sql = "INSERT INTO resources (resource_type, resource_id, version_id, last_updated, body) VALUES ('Patient', 'f', '1', '2024-01-01T00:00:00Z', $1)";
@@ -754,3 +796,29 @@ async fn concurrent_writers_and_a_reader(store: &common::TestStore) {
     );
 }
 both_stores!(concurrent_change_log, concurrent_writers_and_a_reader);
+
+/// Data PostgreSQL refuses (a NUL character in the id, which its text cannot hold) fails only its own
+/// plan, alone or in a group: the reply says the database refused it, nothing of it is stored, the
+/// refusal is in the inbox, and the other plans of the group are applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_refused_data_fails_its_plan_alone_or_in_a_group() {
+    let store = common::TestStore::new(common::Kind::Postgres).await;
+    let refused = json!({"resourceType": "Patient", "id": "nul\u{0}byte", "meta": {"versionId": "1", "lastUpdated": "2024-01-01T00:00:00Z"}})
+    .to_string();
+    let refused_plan = json!({"instructions": [upsert("0", refused)]}).to_string();
+    let refused_id = Uuid::new_v4();
+    let alone = execute_store_plans(&*store, &[job(&refused_plan, Some(refused_id))]).await.unwrap().remove(0);
+    assert_eq!(alone.response.errors.len(), 1, "{alone:?}");
+    assert_eq!(alone.response.errors[0].status.details, Some(StatusDetails::BadRequestWrongPayloadFormat));
+    assert!(alone.response.errors[0].message.as_deref().unwrap_or("").contains("refused"), "{alone:?}");
+    assert_eq!(alone.changes, 0);
+    let replay = execute_store_plans(&*store, &[job(&refused_plan, Some(refused_id))]).await.unwrap().remove(0);
+    assert!(replay.replayed && replay.response == alone.response, "{replay:?}");
+
+    let good = json!({"instructions": [upsert("0", patient("fine", "1", "F"))]}).to_string();
+    let grouped = execute_store_plans(&*store, &[job(&good, None), job(&refused_plan, None)]).await.unwrap();
+    assert_applied(&grouped[0].response);
+    assert_eq!(grouped[1].response.errors[0].status.details, Some(StatusDetails::BadRequestWrongPayloadFormat));
+    let keys: Vec<String> = store.version_log().await.unwrap().iter().map(|c| c.key.to_string()).collect();
+    assert_eq!(keys, vec!["Patient/fine"]);
+}

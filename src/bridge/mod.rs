@@ -15,6 +15,7 @@
 //! Ordering: commands are handled concurrently (up to `ConcurrencyNumber`), but two commands that
 //! touch the same resource are applied in the order they arrived ([`KeyOrder`]).
 
+mod group_commit;
 mod order;
 
 use std::sync::Arc;
@@ -34,6 +35,7 @@ use crate::plan::{self, PlanLimits, StoreJob};
 use crate::store::{ResourceKey, Store, StoreError};
 use crate::transport::{Delivery, FaultReason, OutgoingMessage, Transport, TransportError};
 
+pub use group_commit::GroupCommit;
 pub use order::KeyOrder;
 
 /// How the bridge handles commands.
@@ -61,6 +63,8 @@ pub struct Bridge {
     changes_waker: Option<Arc<Notify>>,
     /// The figures of this bridge's input (on the status board when one is given).
     input_stats: Arc<EndpointStats>,
+    /// Store plans handled at the same time commit together.
+    group_commit: GroupCommit,
 }
 
 /// What became of one delivery (logged, and used by tests).
@@ -78,7 +82,20 @@ pub enum Handled {
 
 impl Bridge {
     pub fn new(store: Arc<dyn Store>, transport: Arc<dyn Transport>, options: BridgeOptions) -> Self {
-        Bridge { store, transport, options, changes_waker: None, input_stats: Arc::default() }
+        // SQLite has one writer at a time and flushes to disk at each commit: one group at a time,
+        // as large as the queue allows. On PostgreSQL every command keeps a transaction of its own
+        // (as many slots as commands in process, so no group forms): a group's statements run one
+        // after another on one connection, and measured with 4 groups for 16 commands that was
+        // slower than 16 connections in parallel, PostgreSQL already sharing WAL flushes between them.
+        let transactions = if store.kind() == "sqlite" { 1 } else { options.concurrency.max(1) };
+        Bridge {
+            store,
+            transport,
+            options,
+            changes_waker: None,
+            input_stats: Arc::default(),
+            group_commit: GroupCommit::new(transactions),
+        }
     }
 
     /// Reports this bridge's figures on `board`, under the transport's input address.
@@ -313,7 +330,8 @@ impl Bridge {
             metrics::histogram!(m::PLAN_INSTRUCTIONS, "type" => MessageType::ExecuteStorePlanCommand.as_str())
                 .record(list.len() as f64);
         }
-        let outcome = plan::execute_store_plans(self.store.as_ref(), std::slice::from_ref(&job)).await?.remove(0);
+        let instructions = job.plan.as_ref().map(Vec::len).unwrap_or(0);
+        let outcome = self.group_commit.execute(self.store.as_ref(), job).await?;
         if outcome.changes > 0
             && let Some(waker) = &self.changes_waker
         {
@@ -321,7 +339,7 @@ impl Bridge {
         }
         tracing::info!(
             message_id = ?envelope.message_id,
-            instructions = job.plan.as_ref().map(Vec::len).unwrap_or(0),
+            instructions,
             errors = outcome.response.errors.len(),
             changes = outcome.changes,
             replayed = outcome.replayed,

@@ -39,8 +39,14 @@ pub fn encode(envelope: &Envelope) -> Vec<u8> {
     out
 }
 
-/// Our `host` object, with the keys MassTransit writes.
+/// Our `host` object, with the keys MassTransit writes. Built once per process: it goes into every
+/// reply, and the machine name is a file read.
 pub fn host_info() -> Value {
+    static HOST: std::sync::OnceLock<Value> = std::sync::OnceLock::new();
+    HOST.get_or_init(build_host_info).clone()
+}
+
+fn build_host_info() -> Value {
     json!({
         "machineName": machine_name(),
         "processName": PROCESS_NAME,

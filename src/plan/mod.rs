@@ -50,9 +50,14 @@ const MAX_CONFLICT_RETRIES: u32 = 12;
 
 /// Executes store plans in one transaction, each in its own savepoint, and commits.
 pub async fn execute_store_plans(store: &dyn Store, jobs: &[StoreJob]) -> Result<Vec<PlanOutcome>, StoreError> {
+    // A plan alone in its transaction needs no savepoint (two round trips fewer): a rule violation is
+    // found before anything is written. Only data the database refuses aborts the transaction; the
+    // plan then runs again inside a savepoint, so the refusal can be recorded in the inbox.
+    let mut savepoints = jobs.len() > 1;
     let mut attempt = 0;
     loop {
-        match try_execute(store, jobs).await {
+        match try_execute(store, jobs, savepoints).await {
+            Err(StoreError::Rejected(_)) if !savepoints => savepoints = true,
             Err(e) if e.is_conflict() && attempt < MAX_CONFLICT_RETRIES => {
                 attempt += 1;
                 metrics::counter!(crate::observe::metrics::STORE_RETRIES).increment(1);
@@ -66,15 +71,21 @@ pub async fn execute_store_plans(store: &dyn Store, jobs: &[StoreJob]) -> Result
     }
 }
 
-async fn try_execute(store: &dyn Store, jobs: &[StoreJob]) -> Result<Vec<PlanOutcome>, StoreError> {
+/// Runs `jobs` in one transaction, each in a savepoint when `savepoints` (without, a plan whose data
+/// the database refuses fails the whole transaction with [`StoreError::Rejected`]).
+async fn try_execute(store: &dyn Store, jobs: &[StoreJob], savepoints: bool) -> Result<Vec<PlanOutcome>, StoreError> {
     let mut tx = store.begin().await?;
     let mut outcomes = Vec::with_capacity(jobs.len());
     for job in jobs {
-        tx.savepoint().await?;
+        if savepoints {
+            tx.savepoint().await?;
+        }
         if let Some(id) = job.message_id
             && let Some(stored) = tx.inbox_get(id).await?
         {
-            tx.release_savepoint().await?;
+            if savepoints {
+                tx.release_savepoint().await?;
+            }
             outcomes.push(PlanOutcome { response: stored_response(&stored), replayed: true, changes: 0 });
             continue;
         }
@@ -83,10 +94,13 @@ async fn try_execute(store: &dyn Store, jobs: &[StoreJob]) -> Result<Vec<PlanOut
             Ok(instructions) => match apply_plan(tx.as_mut(), instructions).await {
                 Ok(Ok(changes)) => (ExecuteStorePlanResponse::default(), changes),
                 Ok(Err(errors)) => {
-                    tx.rollback_to_savepoint().await?;
+                    // Nothing was written (the rules are checked first); the savepoint, if any, goes.
+                    if savepoints {
+                        tx.rollback_to_savepoint().await?;
+                    }
                     (ExecuteStorePlanResponse { errors }, 0)
                 }
-                Err(StoreError::Rejected(reason)) => {
+                Err(StoreError::Rejected(reason)) if savepoints => {
                     // The database refused this plan's data; the other plans of the group go on.
                     tx.rollback_to_savepoint().await?;
                     let error = ItemError::new(
@@ -103,7 +117,9 @@ async fn try_execute(store: &dyn Store, jobs: &[StoreJob]) -> Result<Vec<PlanOut
             let text = serde_json::to_string(&response).map_err(|e| StoreError::Database(e.to_string()))?;
             tx.inbox_put(id, MessageType::ExecuteStorePlanCommand.as_str(), &text).await?;
         }
-        tx.release_savepoint().await?;
+        if savepoints {
+            tx.release_savepoint().await?;
+        }
         outcomes.push(PlanOutcome { response, replayed: false, changes });
     }
     tx.commit().await?;

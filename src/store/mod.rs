@@ -166,7 +166,7 @@ pub trait PublisherLease: Send {
 }
 
 /// Errors of the store, classified by what the caller should do about them.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
     /// The database cannot be reached (connection refused, pool timed out, disk unavailable). Retry later;
