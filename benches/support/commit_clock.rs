@@ -102,9 +102,6 @@ impl Store for CommitClock {
     async fn claim_batches(&self, claim: Claim<'_>) -> Result<Vec<ChangeBatch>, StoreError> {
         self.inner.claim_batches(claim).await
     }
-    async fn complete_batches(&self, batches: &[ChangeBatch]) -> Result<(), StoreError> {
-        self.inner.complete_batches(batches).await
-    }
     async fn outbox_state(&self) -> Result<OutboxState, StoreError> {
         self.inner.outbox_state().await
     }

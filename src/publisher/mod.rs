@@ -3,7 +3,7 @@
 //!
 //! Invariants:
 //! - a change leaves the store's outbox only after the broker confirmed every event message carrying it
-//!   ([`Store::complete_batches`] runs after [`Transport::publish`] returned), so a crash at any moment
+//!   (a batch is named in the next claim's `completed` only after [`Transport::publish`] returned), so a crash at any moment
 //!   loses nothing; it may publish the same batch again, with the same messageId ([`events`]);
 //! - only the process holding the store's publisher lease publishes ([`Store::try_lead`]); the others
 //!   wait and take over when the leader's lease ends;

@@ -9,8 +9,8 @@
 //! - [`Store::pending_changes`] returns outbox rows in an order consistent with commit order per
 //!   resource, one transaction's changes together in the order they were written;
 //! - [`Store::claim_batches`] cuts the outbox into batches in that order and records them, so a batch
-//!   is published again unchanged until confirmed; a row leaves the outbox only through
-//!   [`Store::complete_batches`], after its event was confirmed.
+//!   is published again unchanged until confirmed; a row leaves the outbox only when a later claim
+//!   names its batch in [`Claim::completed`], after its event was confirmed.
 //!
 //! Plan rules live in [`crate::plan`]; a store offers the primitives it needs inside a [`StoreTx`].
 
@@ -109,7 +109,7 @@ pub struct PendingChange {
     pub recorded_at: DateTime<Utc>,
 }
 
-/// Outbox rows claimed for one event message. Until [`Store::complete_batches`] removes it, the same
+/// Outbox rows claimed for one event message. Until a claim completes it ([`Claim::completed`]), the same
 /// batch (same id, same changes, same order) is returned again by [`Store::claim_batches`], so a
 /// message published twice is the very same message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -275,14 +275,12 @@ pub trait Store: Send + Sync {
     async fn read(&self, lookups: &[Lookup]) -> Result<Vec<Found>, StoreError>;
     /// Up to `limit` unpublished changes, in publishing order (see the module invariants).
     async fn pending_changes(&self, limit: usize) -> Result<Vec<PendingChange>, StoreError>;
-    /// In one transaction: completes `claim.completed` (as [`Store::complete_batches`] does), then
+    /// In one transaction: removes the confirmed batches `claim.completed` and their outbox rows, then
     /// returns the batches to publish next, in publishing order: the batches claimed earlier, not
     /// completed and not in the caller's hands (ids above `claim.publishing_through`) if there are any;
     /// otherwise up to `max_batches` new batches of at most `batch_size` changes cut from the outbox
     /// rows no batch holds, in publishing order, recorded before they are returned.
     async fn claim_batches(&self, claim: Claim<'_>) -> Result<Vec<ChangeBatch>, StoreError>;
-    /// Removes confirmed batches and their outbox rows, in one transaction.
-    async fn complete_batches(&self, batches: &[ChangeBatch]) -> Result<(), StoreError>;
     /// How many changes wait and since when.
     async fn outbox_state(&self) -> Result<OutboxState, StoreError>;
     /// Tries to become the one publisher of this store; `None` when another process leads.

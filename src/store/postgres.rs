@@ -243,22 +243,6 @@ impl Store for PostgresStore {
         Ok(batches)
     }
 
-    async fn complete_batches(&self, batches: &[ChangeBatch]) -> Result<(), StoreError> {
-        let (ids, seqs) = ChangeBatch::ids_and_seqs(batches);
-        // One statement, so one transaction and one round trip.
-        sqlx::query(
-            "WITH done AS (DELETE FROM publish_batches WHERE id = ANY($1)) \
-             DELETE FROM pending_changes WHERE seq = ANY($2)",
-        )
-        .bind(&ids)
-        .bind(&seqs)
-        .execute(&self.publisher_pool)
-        .await
-        .map_err(classify)?;
-        self.outbox_rows_deleted(seqs.len());
-        Ok(())
-    }
-
     async fn outbox_state(&self) -> Result<OutboxState, StoreError> {
         let (pending, oldest): (i64, Option<DateTime<Utc>>) = sqlx::query_as(
             "SELECT (SELECT count(*) FROM pending_changes), \

@@ -309,13 +309,6 @@ impl Store for SqliteStore {
         Ok(batches)
     }
 
-    async fn complete_batches(&self, batches: &[ChangeBatch]) -> Result<(), StoreError> {
-        let _guard = self.write_lock.lock().await;
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(classify)?;
-        delete_completed(&mut tx, batches).await?;
-        tx.commit().await.map_err(classify)
-    }
-
     async fn outbox_state(&self) -> Result<OutboxState, StoreError> {
         let (pending, oldest): (i64, Option<String>) = sqlx::query_as(
             "SELECT (SELECT count(*) FROM pending_changes), \
