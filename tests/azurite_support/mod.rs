@@ -2,7 +2,7 @@
 //!
 //! Installed by `scripts/services --azurite` into `${FHIR_PUBSUB_CACHE:-~/.cache/fhir-pubsub}/azurite`
 //! (or named by FHIR_PUBSUB_AZURITE, the `azurite-blob` script). Started with telemetry off, its
-//! data in a temporary directory (so a restarted emulator keeps its blobs), and a debug log from
+//! data in a temporary directory, and a debug log from
 //! which the test reads every request the emulator received. Killed by its PID when dropped.
 #![allow(dead_code)]
 
@@ -72,17 +72,12 @@ impl Azurite {
         self.dir.path().join("debug.log")
     }
 
-    /// Kills the emulator (SIGKILL); its blobs stay on disk for [`Azurite::restart`].
+    /// Kills the emulator (SIGKILL).
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
         }
-    }
-
-    pub async fn restart(&mut self) {
-        self.kill();
-        self.launch().await;
     }
 
     /// The account's blob endpoint, path style: `http://127.0.0.1:<port>/devstoreaccount1`.
@@ -138,6 +133,12 @@ impl Azurite {
             .with_allow_http(true)
             .build()
             .expect("Azure client")
+    }
+
+    /// The requests other than `PUT` (the test's own uploads and container creations) whose URL
+    /// contains `fragment`: what the bridge asked for.
+    pub fn reads(&self, fragment: &str) -> Vec<String> {
+        self.requests(fragment).into_iter().filter(|r| !r.starts_with("PUT ")).collect()
     }
 
     /// Every request Azurite received so far whose URL contains `fragment`, as `METHOD URL`.
