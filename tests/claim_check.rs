@@ -97,7 +97,7 @@ fn retrieve_envelope(ids: &[&str], response_address: &str) -> Value {
 
 /// The client's side of one transport: send an envelope, collect replies and full change events.
 enum Wire {
-    Rabbit(Rabbit),
+    Rabbit(Box<Rabbit>),
     #[cfg(feature = "kafka")]
     Kafka(Kafka),
 }
@@ -142,11 +142,22 @@ impl Rabbit {
         }
     }
 
+    /// Deletes the test's queues and exchanges, and the bridge's.
     async fn cleanup(&self) {
-        for name in [&self.replies, &self.events] {
-            let _ = self.channel.queue_delete(name.as_str().into(), QueueDeleteOptions::default()).await;
-        }
-        let _ = self.channel.exchange_delete(self.replies.as_str().into(), Default::default()).await;
+        delete_amqp(&self.channel, &[&self.replies, &self.events]).await;
+        delete_amqp(
+            &self.channel,
+            &[&self.queue, &format!("{}_error", self.queue), &format!("{}_skipped", self.queue)],
+        )
+        .await;
+    }
+}
+
+/// Deletes queues and the exchanges of the same name.
+async fn delete_amqp(channel: &Channel, names: &[&str]) {
+    for name in names {
+        let _ = channel.queue_delete((*name).into(), QueueDeleteOptions::default()).await;
+        let _ = channel.exchange_delete((*name).into(), Default::default()).await;
     }
 }
 
@@ -333,7 +344,7 @@ async fn rabbit_bridge(store: &common::TestStore, env: &[(String, String)]) -> (
         "bridge did not start: {}",
         bridge.log_text()
     );
-    (bridge, Wire::Rabbit(Rabbit::new(&queue).await))
+    (bridge, Wire::Rabbit(Box::new(Rabbit::new(&queue).await)))
 }
 
 /// Both message-type forms are applied like inline plans; a redelivery is answered from the inbox.
@@ -675,4 +686,49 @@ async fn local_file_claim_checks_are_read_under_the_directory_only() {
     if let Wire::Rabbit(r) = &wire {
         r.cleanup().await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn check_config_asks_the_storage_and_names_refused_credentials() {
+    let azurite = Azurite::start().await;
+    let container = container_with(&azurite, &[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let queue = format!("fhir-pubsub-test-{}", Uuid::new_v4().simple());
+    let check = |env: &[(String, String)]| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_fhir-pubsub"))
+            .arg("check-config")
+            .env_remove("RUST_LOG")
+            .env("FHIRPUBSUB_Store__Url", format!("sqlite://{}/check.db", dir.path().display()))
+            .env("FHIRPUBSUB_Http__Listen", "127.0.0.1:0")
+            .env("FHIRPUBSUB_PubSub__MessageBroker__ApplicationQueueName", &queue)
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .output()
+            .expect("run fhir-pubsub check-config");
+        (output.status.code(), String::from_utf8_lossy(&output.stdout).into_owned())
+    };
+    let (code, stdout) = check(&claim_check_env(&azurite, &container));
+    assert_eq!(code, Some(0), "{stdout}");
+    let line = format!(
+        "claim check Azure Blob Storage {}/{container}: ok (storage answers, credentials accepted)",
+        azurite.endpoint()
+    );
+    assert!(stdout.contains(&line), "{stdout}");
+    assert!(!stdout.contains(azurite_support::KEY), "the account key was shown: {stdout}");
+
+    // Another key (valid base64, not the account's): refused by the storage, named, not shown.
+    let wrong_key = "d3Jvbmcta2V5LW5vdC10aGUtYWNjb3VudHMta2V5LXdyb25nLWtleQ==";
+    let mut env = claim_check_env(&azurite, &container);
+    env[2].1 = format!(
+        "DefaultEndpointsProtocol=http;AccountName={};AccountKey={wrong_key};BlobEndpoint={}",
+        azurite_support::ACCOUNT,
+        azurite.endpoint()
+    );
+    let (code, stdout) = check(&env);
+    assert_eq!(code, Some(1), "{stdout}");
+    assert!(stdout.contains("FAILED: the storage refused to give the claim-check blob"), "{stdout}");
+    assert!(!stdout.contains(wrong_key), "the account key was shown: {stdout}");
+
+    let connection = Connection::connect(AMQP, ConnectionProperties::default()).await.expect("RabbitMQ");
+    let channel = connection.create_channel().await.unwrap();
+    delete_amqp(&channel, &[&queue, &format!("{queue}_error"), &format!("{queue}_skipped")]).await;
 }
