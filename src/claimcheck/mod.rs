@@ -92,6 +92,10 @@ fn capitalize_first(text: &str) -> String {
     chars.next().map(|c| c.to_uppercase().chain(chars).collect()).unwrap_or_default()
 }
 
+/// Without `AzureBlobContainerName`, clients of this many containers are kept; others are built per
+/// claim check.
+const MAX_CACHED_CONTAINERS: usize = 64;
+
 /// The configured claim-check store: its URL rule, its clients and the size limit.
 pub struct ClaimChecks {
     locator: Locator,
@@ -197,6 +201,8 @@ impl ClaimChecks {
                     account.blob_endpoint.as_str().trim_end_matches('/'),
                     container.as_deref().unwrap_or("<any container>")
                 );
+                // A client built now shows a key the client library refuses at start, not per message.
+                azure_client(&account, container.as_deref().unwrap_or("fhir-pubsub")).map_err(fail)?;
                 let stores = Stores::AzurePerContainer { account, clients: Mutex::new(HashMap::new()) };
                 if let (Some(container), Stores::AzurePerContainer { account, clients }) = (&container, &stores) {
                     let client = azure_client(account, container).map_err(fail)?;
@@ -259,7 +265,10 @@ impl ClaimChecks {
     /// to the limit.
     pub async fn fetch(&self, data_ref: &str, blob: &BlobRef) -> Result<Vec<StoreInstructionRead>, ClaimCheckError> {
         let url = shown(data_ref);
-        let store = self.store(&blob.container).map_err(|e| classify(e, &url))?;
+        // Building a client makes no request: its failure is the settings', not a passing one.
+        let store = self
+            .store(&blob.container)
+            .map_err(|e| ClaimCheckError::Denied { url: url.clone(), reason: first_line(&e) })?;
         let meta = store.head(&blob.path).await.map_err(|e| classify(e, &url))?;
         if meta.size > self.max_bytes {
             return Err(ClaimCheckError::TooLarge { url, size: meta.size, limit: self.max_bytes });
@@ -301,7 +310,10 @@ impl ClaimChecks {
                     return Ok(client.clone());
                 }
                 let client = azure_client(account, container)?;
-                clients.insert(container.to_owned(), client.clone());
+                // Containers are named by messages: keep a bounded number of clients.
+                if clients.len() < MAX_CACHED_CONTAINERS {
+                    clients.insert(container.to_owned(), client.clone());
+                }
                 Ok(client)
             }
         }
@@ -423,6 +435,16 @@ mod tests {
         assert_eq!(denied.status, Status::internal());
         assert!(ClaimCheckError::Unavailable("down".into()).is_retryable());
         assert!(!ClaimCheckError::NotFound { url: "u".into() }.is_retryable());
+    }
+
+    #[tokio::test]
+    async fn reading_stops_past_the_limit_even_when_the_size_said_less() {
+        // The size request and the read are two requests: the blob may have grown in between.
+        let store = object_store::memory::InMemory::new();
+        let path = Path::from("p.json");
+        store.put(&path, vec![b' '; 10_000].into()).await.unwrap();
+        assert!(matches!(read_limited(&store, &path, 100).await, Err(Limited::Over(n)) if n > 100));
+        assert_eq!(read_limited(&store, &path, 10_000).await.ok().map(|b| b.len()), Some(10_000));
     }
 
     #[test]
