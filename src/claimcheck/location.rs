@@ -12,11 +12,14 @@
 //!   SAS or parameter in a message is not honoured;
 //! - no `.` or `..` segment, also when percent-encoded (`%2e%2E`), no encoded `/` (`%2F`) and no
 //!   backslash or control character anywhere: the path cannot climb out of the container;
-//! - a blob name remains after the container.
+//! - a blob name of at most 1024 bytes remains after the container.
 
 use object_store::path::Path;
 use percent_encoding::percent_decode_str;
 use url::Url;
+
+/// The longest blob name Azure, S3 and Google Cloud Storage accept.
+const MAX_NAME_BYTES: usize = 1024;
 
 /// A blob the bridge may fetch: its container (bucket; empty for local files) and name in it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -204,6 +207,9 @@ impl Locator {
             return Err("names no blob after the container".into());
         }
         let path = Path::from_url_path(&name).map_err(|e| format!("does not name a blob ({e})"))?;
+        if path.as_ref().len() > MAX_NAME_BYTES {
+            return Err(format!("names a blob longer than {MAX_NAME_BYTES} bytes, which no storage holds"));
+        }
         Ok(BlobRef { container, path })
     }
 
@@ -298,6 +304,7 @@ mod tests {
             ("http://127.0.0.1:10000/devstoreaccount1", "no container"),
             ("not a url", "space"),
             ("plans/p", "not a URL"),
+            (&*format!("http://127.0.0.1:10000/devstoreaccount1/plans/{}", "a".repeat(1025)), "longer than 1024"),
         ] {
             let err = locator.resolve(url).expect_err(url);
             assert!(err.contains(fragment), "{url}: `{err}` should mention `{fragment}`");

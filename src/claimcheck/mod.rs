@@ -63,6 +63,10 @@ pub enum ClaimCheckError {
     /// The store refused the bridge's credentials or the request: only the operator can fix it.
     #[error("the storage refused to give the claim-check blob `{url}` to the bridge: {reason}")]
     Denied { url: String, reason: String },
+    /// The store answered the request with another client error (4xx), such as a name it does not
+    /// accept: retrying would get the same answer.
+    #[error("the storage rejected the request for the claim-check blob `{url}`: {reason}")]
+    Rejected { url: String, reason: String },
     /// The store could not be reached or failed on its side; worth another attempt later.
     #[error("the claim-check storage is unavailable: {0}")]
     Unavailable(String),
@@ -359,10 +363,36 @@ fn classify(error: object_store::Error, url: &str) -> ClaimCheckError {
         E::InvalidPath { .. } | E::NotSupported { .. } => {
             ClaimCheckError::Refused { url: url.to_owned(), reason: first_line(&error) }
         }
-        // Connection failures, timeouts and 5xx come as Generic (object_store keeps the status to
-        // itself): all are taken as passing.
-        other => ClaimCheckError::Unavailable(first_line(&other)),
+        // Everything else comes as Generic: connection failures, timeouts and 5xx pass, any other
+        // answer of the storage would come again.
+        other if is_passing(&other) => ClaimCheckError::Unavailable(first_line(&other)),
+        other => ClaimCheckError::Rejected { url: url.to_owned(), reason: first_line(&other) },
     }
+}
+
+/// Whether a failure may pass: no answer (a connection or timeout error of the HTTP client), or an
+/// answer that says so (5xx, 408, 429). object_store keeps the status of a response to itself but
+/// writes it in its message (`… status code: 400 Bad Request …`); an error that shows neither is
+/// taken as passing, so a doubt costs a retry rather than a wrong final answer.
+fn is_passing(error: &object_store::Error) -> bool {
+    let mut source = std::error::Error::source(error);
+    while let Some(e) = source {
+        if e.downcast_ref::<object_store::client::HttpError>().is_some() {
+            return true;
+        }
+        if let Some(code) = status_in(&e.to_string()) {
+            return code >= 500 || code == 408 || code == 429;
+        }
+        source = e.source();
+    }
+    true
+}
+
+/// The HTTP status written in an object_store message: `… status code: 400 Bad Request …`.
+fn status_in(text: &str) -> Option<u16> {
+    let (_, after) = text.split_once("status code: ")?;
+    let code: String = after.chars().take_while(char::is_ascii_digit).collect();
+    code.parse().ok().filter(|c| (100..600).contains(c))
 }
 
 fn first_line(error: &object_store::Error) -> String {
@@ -435,6 +465,59 @@ mod tests {
         assert_eq!(denied.status, Status::internal());
         assert!(ClaimCheckError::Unavailable("down".into()).is_retryable());
         assert!(!ClaimCheckError::NotFound { url: "u".into() }.is_retryable());
+    }
+
+    /// A storage that answers every request with `status` and no body.
+    async fn answering(status: &'static str) -> u16 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut request = Vec::new();
+                    let mut buffer = [0u8; 4096];
+                    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match socket.read(&mut buffer).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => request.extend_from_slice(&buffer[..n]),
+                        }
+                    }
+                    let response = format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+                    let _ = socket.write_all(response.as_bytes()).await;
+                });
+            }
+        });
+        port
+    }
+
+    async fn fetch_from(port: u16) -> ClaimCheckError {
+        let settings = ClaimCheckSettings {
+            storage_type: ClaimCheckStorage::AzureBlobStorage,
+            azure_blob_container_name: Some("plans".into()),
+            azure_blob_storage_connection_string: Some(format!(
+                "AccountName=devstoreaccount1;AccountKey=a2V5;BlobEndpoint=http://127.0.0.1:{port}/devstoreaccount1"
+            )),
+            ..ClaimCheckSettings::default()
+        };
+        let claim_checks = ClaimChecks::from_settings(&settings, 1024).unwrap().unwrap();
+        let url = format!("http://127.0.0.1:{port}/devstoreaccount1/plans/p.json");
+        let blob = claim_checks.resolve(&url).unwrap();
+        claim_checks.fetch(&url, &blob).await.unwrap_err()
+    }
+
+    #[tokio::test]
+    async fn storage_answers_are_told_apart_from_passing_failures() {
+        assert!(matches!(fetch_from(answering("404 Not Found").await).await, ClaimCheckError::NotFound { .. }));
+        assert!(matches!(fetch_from(answering("403 Forbidden").await).await, ClaimCheckError::Denied { .. }));
+        let rejected = fetch_from(answering("400 Bad Request").await).await;
+        assert!(matches!(rejected, ClaimCheckError::Rejected { .. }), "{rejected:?}");
+        assert!(!rejected.is_retryable());
+        let unavailable = fetch_from(answering("503 Service Unavailable").await).await;
+        assert!(unavailable.is_retryable(), "{unavailable:?}");
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let refused = fetch_from(closed).await;
+        assert!(refused.is_retryable(), "{refused:?}");
     }
 
     #[tokio::test]
