@@ -347,6 +347,18 @@ async fn rabbit_bridge(store: &common::TestStore, env: &[(String, String)]) -> (
     (bridge, Wire::Rabbit(Box::new(Rabbit::new(&queue).await)))
 }
 
+/// The value of the claim-check counter with `outcome`, read from the bridge's `/metrics`.
+async fn claim_checks_counted(bridge: &BridgeProcess, outcome: &str) -> u64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let address = bridge.http_address(PATIENCE).await;
+    let mut stream = tokio::net::TcpStream::connect(address).await.expect("the HTTP endpoints");
+    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await.unwrap();
+    let series = format!("fhir_pubsub_claim_checks_total{{outcome=\"{outcome}\"}} ");
+    text.lines().find_map(|l| l.strip_prefix(series.as_str())).map(|v| v.trim().parse().unwrap()).unwrap_or(0)
+}
+
 /// Both message-type forms are applied like inline plans; a redelivery is answered from the inbox.
 async fn claim_checks_are_applied(wire: &mut Wire, azurite: &Azurite, container: &str, bridge: &BridgeProcess) {
     let (a, b) = (format!("a{}", Uuid::new_v4().simple()), format!("b{}", Uuid::new_v4().simple()));
@@ -379,6 +391,8 @@ async fn claim_checks_are_applied(wire: &mut Wire, azurite: &Azurite, container:
     assert_eq!(wire.versions(&[&a, &b]).await, vec![Some("2".to_owned()), Some("1".to_owned())]);
     assert_eq!(wire.changes_of(&[&a, &b]).await, expected, "the redelivery stored nothing");
 
+    assert_eq!(claim_checks_counted(bridge, "fetched").await, 2);
+    assert_eq!(claim_checks_counted(bridge, "answered_from_inbox").await, 1);
     assert!(
         blob_exists(azurite, container, "first.json").await
             && blob_exists(azurite, container, "nested/second.json").await
@@ -512,6 +526,11 @@ async fn urls_outside_the_container_and_bad_blobs_get_error_replies_and_store_no
     assert!(!big.is_empty() && big.iter().all(|r| r.starts_with("HEAD ")), "{big:?}");
 
     assert_eq!(wire.versions(&[&id]).await, vec![None], "nothing was stored");
+    for (outcome, count) in
+        [("refused", refused.len() as u64), ("not_found", 1), ("not_a_plan", 2), ("too_large", 1), ("fetched", 0)]
+    {
+        assert_eq!(claim_checks_counted(&bridge, outcome).await, count, "{outcome}");
+    }
     for blob in ["not-json.txt", "not-a-plan.json", "big.json"] {
         assert!(blob_exists(&azurite, &container, blob).await, "{blob} was deleted");
     }

@@ -221,6 +221,7 @@ impl Bridge {
                         match resolved {
                             Ok(blob) => return Prepared::ClaimCheck(envelope, ClaimCheck { data_ref, blob }),
                             Err(refused) => {
+                                metrics::counter!(m::CLAIM_CHECKS, "outcome" => refused.outcome()).increment(1);
                                 tracing::info!(reason = %refused, "claim check refused");
                                 StoreJob { message_id: envelope.message_id, plan: Err(vec![refused.item_error()]) }
                             }
@@ -368,6 +369,7 @@ impl Bridge {
         {
             // Answered before: the transaction replays the inbox's answer in place of this plan,
             // which only shows if that answer vanished in between.
+            metrics::counter!(m::CLAIM_CHECKS, "outcome" => "answered_from_inbox").increment(1);
             let gone = ItemError {
                 item_id: None,
                 status: crate::contracts::Status::internal(),
@@ -378,7 +380,10 @@ impl Bridge {
         let Some(claim_checks) = &self.claim_checks else {
             return Ok(StoreJob { message_id, plan: Err(vec![ClaimCheckError::Disabled.item_error()]) });
         };
-        match claim_checks.fetch(&claim.data_ref, &claim.blob).await {
+        let fetched = claim_checks.fetch(&claim.data_ref, &claim.blob).await;
+        let outcome = fetched.as_ref().map(|_| "fetched").unwrap_or_else(ClaimCheckError::outcome);
+        metrics::counter!(m::CLAIM_CHECKS, "outcome" => outcome).increment(1);
+        match fetched {
             Ok(list) => Ok(StoreJob { message_id, plan: plan::validate_store_plan(list, &self.options.plan_limits) }),
             Err(e) if e.is_retryable() => Err(e),
             Err(e) => {

@@ -73,6 +73,19 @@ pub enum ClaimCheckError {
 }
 
 impl ClaimCheckError {
+    /// The `outcome` label of [`crate::observe::metrics::CLAIM_CHECKS`].
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            ClaimCheckError::Disabled | ClaimCheckError::Refused { .. } => "refused",
+            ClaimCheckError::NotFound { .. } => "not_found",
+            ClaimCheckError::TooLarge { .. } => "too_large",
+            ClaimCheckError::NotJson { .. } | ClaimCheckError::NotAPlan { .. } => "not_a_plan",
+            ClaimCheckError::Denied { .. } => "denied",
+            ClaimCheckError::Rejected { .. } => "rejected",
+            ClaimCheckError::Unavailable(_) => "unavailable",
+        }
+    }
+
     /// Whether the command should be delivered again later instead of being answered.
     pub fn is_retryable(&self) -> bool {
         matches!(self, ClaimCheckError::Unavailable(_))
