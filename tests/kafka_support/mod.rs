@@ -3,8 +3,15 @@
 //!
 //! tansu is installed by `scripts/services --kafka` into `${FHIR_PUBSUB_CACHE:-~/.cache/fhir-pubsub}/tansu`
 //! (or named by FHIR_PUBSUB_TANSU). It keeps its data in memory (`--storage-engine memory://tansu/`)
-//! or, for restart tests, in an S3 emulator (moto) of the test's own; it does not create topics
-//! on its own.
+//! or, for restart tests, in an SQLite file of the test's own (`sqlite://`), where a produce is one
+//! transaction; it does not create topics on its own.
+//!
+//! Why not tansu's S3 storage (`s3://`) for restarts: it writes a produce in three steps (the
+//! producer's sequence number, the partition's high watermark, then the record batch), so a broker
+//! killed between the first and the last comes back without the batch but with its sequence
+//! number taken; the producer's retry is then answered `DUPLICATE_SEQUENCE_NUMBER`, which the
+//! idempotent producer takes for "already written", and acknowledged records are gone. Seen here
+//! as replies missing after a SIGKILL. A Kafka broker appends the batch and its sequence together.
 #![allow(dead_code)]
 
 use std::net::TcpListener;
@@ -44,8 +51,8 @@ pub fn tansu_binary() -> PathBuf {
 pub struct Tansu {
     pub port: u16,
     child: Option<Child>,
-    /// The S3 emulator keeping the broker's data across restarts, if any.
-    storage: Option<S3Emulator>,
+    /// The directory of the SQLite file keeping the broker's data across restarts, if any.
+    storage: Option<tempfile::TempDir>,
     /// Whether clients must authenticate (SASL).
     authentication: bool,
     /// The port clients are told to use (a TLS front-end's), when not `port`.
@@ -53,54 +60,6 @@ pub struct Tansu {
     /// What the test's own clients use to reach it through TLS: the CA file, and a PKCS#12
     /// keystore with its password when the front-end demands a client certificate.
     pub client_tls: Option<(PathBuf, Option<(PathBuf, String)>)>,
-}
-
-/// moto's S3 server (an emulator of S3, installed by `scripts/services --kafka`) on a free loopback
-/// port, with the bucket `tansu`: storage that outlives a tansu process, so that a restarted
-/// broker comes back with its topics, records, committed offsets and producer state. Killed (by
-/// its PID) when dropped.
-struct S3Emulator {
-    port: u16,
-    child: Child,
-}
-
-impl S3Emulator {
-    async fn start() -> S3Emulator {
-        let port = free_port();
-        let child = Command::new("moto_server")
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("moto_server starts (scripts/services --kafka installs it)");
-        let emulator = S3Emulator { port, child };
-        for _ in 0..200 {
-            if emulator.create_bucket().is_ok() {
-                return emulator;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("moto_server did not answer on 127.0.0.1:{port}");
-    }
-
-    /// `PUT /tansu`: creates the bucket tansu writes to.
-    fn create_bucket(&self) -> std::io::Result<()> {
-        use std::io::{Read, Write};
-        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.port))?;
-        stream
-            .write_all(b"PUT /tansu HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response)?;
-        if response.starts_with("HTTP/1.1 200") { Ok(()) } else { Err(std::io::Error::other(response)) }
-    }
-}
-
-impl Drop for S3Emulator {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn free_port() -> u16 {
@@ -116,7 +75,7 @@ impl Tansu {
         tansu
     }
 
-    fn new(storage: Option<S3Emulator>, authentication: bool) -> Tansu {
+    fn new(storage: Option<tempfile::TempDir>, authentication: bool) -> Tansu {
         Tansu { port: free_port(), child: None, storage, authentication, advertised_port: None, client_tls: None }
     }
 
@@ -140,10 +99,11 @@ impl Tansu {
         tansu
     }
 
-    /// A broker keeping its data in an S3 emulator of its own, so that it survives [`Tansu::restart`].
+    /// A broker keeping its data in an SQLite file of its own, so that it survives [`Tansu::restart`]
+    /// (even a SIGKILL: each produce is one SQLite transaction).
     pub async fn start_persistent() -> Tansu {
         init_logs();
-        let storage = S3Emulator::start().await;
+        let storage = tempfile::tempdir().expect("a directory for the broker's data");
         let mut tansu = Tansu::new(Some(storage), false);
         tansu.launch().await;
         tansu
@@ -163,14 +123,9 @@ impl Tansu {
             None => {
                 command.args(["--storage-engine", "memory://tansu/"]);
             }
-            Some(s3) => {
-                command
-                    .args(["--storage-engine", "s3://tansu/"])
-                    .env("AWS_ENDPOINT", format!("http://127.0.0.1:{}", s3.port))
-                    .env("AWS_ALLOW_HTTP", "true")
-                    .env("AWS_ACCESS_KEY_ID", "test")
-                    .env("AWS_SECRET_ACCESS_KEY", "test")
-                    .env("AWS_DEFAULT_REGION", "us-east-1");
+            // tansu resolves `sqlite://FILE` against its working directory.
+            Some(dir) => {
+                command.args(["--storage-engine", "sqlite://tansu.db"]).current_dir(dir.path());
             }
         }
         let child =
@@ -189,7 +144,7 @@ impl Tansu {
         format!("127.0.0.1:{}", self.advertised_port.unwrap_or(self.port))
     }
 
-    /// Kills the broker (SIGKILL); in-memory data goes with it, data in the S3 emulator stays.
+    /// Kills the broker (SIGKILL); in-memory data goes with it, data in its SQLite file stays.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
@@ -274,6 +229,49 @@ impl Record {
     pub fn json(&self) -> Value {
         serde_json::from_slice(&self.value).unwrap_or(Value::Null)
     }
+
+    fn from_message(m: &impl Message) -> Record {
+        let headers = m
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|h| {
+                        let value = h.value.map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default();
+                        (h.key.to_owned(), value)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Record {
+            topic: m.topic().to_owned(),
+            partition: m.partition(),
+            key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+            value: m.payload().unwrap_or_default().to_vec(),
+            headers,
+        }
+    }
+}
+
+/// Every record of `topic` from its first offset to its end, read by a consumer of its own (no
+/// group position involved): what the broker holds now.
+pub async fn read_topic(tansu: &Tansu, topic: &str) -> Vec<Record> {
+    let consumer: StreamConsumer = tansu
+        .client_config()
+        .set("group.id", format!("reader-{}", uuid::Uuid::new_v4().simple()))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .create()
+        .expect("consumer");
+    consumer.subscribe(&[topic]).expect("subscribe");
+    let mut records = Vec::new();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(30), consumer.recv()).await {
+            Ok(Ok(m)) => records.push(Record::from_message(&m)),
+            Ok(Err(rdkafka::error::KafkaError::PartitionEOF(_))) | Err(_) => return records,
+            Ok(Err(_)) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
 }
 
 /// Collects every record of some topics, from their beginning, in arrival order.
@@ -297,30 +295,7 @@ impl Collector {
         let task = tokio::spawn(async move {
             loop {
                 match consumer.recv().await {
-                    Ok(m) => {
-                        let headers = m
-                            .headers()
-                            .map(|h| {
-                                h.iter()
-                                    .map(|h| {
-                                        (
-                                            h.key.to_owned(),
-                                            h.value
-                                                .map(|v| String::from_utf8_lossy(v).into_owned())
-                                                .unwrap_or_default(),
-                                        )
-                                    })
-                                    .collect()
-                            })
-                            .unwrap_or_default();
-                        sink.lock().unwrap().push(Record {
-                            topic: m.topic().to_owned(),
-                            partition: m.partition(),
-                            key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
-                            value: m.payload().unwrap_or_default().to_vec(),
-                            headers,
-                        });
-                    }
+                    Ok(m) => sink.lock().unwrap().push(Record::from_message(&m)),
                     Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
                 }
             }
