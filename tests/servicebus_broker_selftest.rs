@@ -472,3 +472,106 @@ async fn the_connection_string_names_the_loopback_namespace_and_the_key() {
     assert_ne!(other.namespace_address(), bus.namespace_address(), "each double has its own address");
     assert_ne!(other.key(), bus.key(), "and its own key");
 }
+
+#[tokio::test]
+async fn entity_names_with_slashes_resolve_as_masstransit_names_them() {
+    let bus = TestServiceBus::start().await;
+    // MassTransit's default separator: `{Namespace}/{TypeName}`.
+    let topic = format!("Firely.Server.Contracts.Messages.V1/{}", name("RetrievePlanCommand"));
+    let queue = name("firelyserver");
+    bus.create_queue(&queue);
+    bus.create_topic(&topic);
+    bus.create_subscription(&topic, "FirelyServer", Some(&queue));
+    bus.create_subscription(&topic, "Watcher", None);
+    // A topic without subscriptions takes a message and keeps nothing, as in Service Bus.
+    let lonely = format!("Firely.Server.Contracts.Messages.V1/{}", name("Nobody"));
+    bus.create_topic(&lonely);
+
+    let mut client = client(&bus).await;
+    send(&mut client, &topic, ServiceBusMessage::new(b"slash".to_vec())).await;
+    send(&mut client, &lonely, ServiceBusMessage::new(b"dropped".to_vec())).await;
+    assert_eq!(bus.wait_for_active(&queue, 1, WAIT).await[0].body, b"slash");
+    let mut watcher = client
+        .create_receiver_for_subscription(&topic, "watcher", ServiceBusReceiverOptions::default())
+        .await
+        .expect("subscription of a slash-named topic");
+    let copy = receive_one(&mut watcher).await;
+    assert_eq!(copy.body().unwrap(), b"slash");
+    watcher.complete_message(&copy).await.unwrap();
+    wait_until(|| bus.active_messages(&format!("{topic}/Subscriptions/Watcher")).is_empty()).await;
+}
+
+#[tokio::test]
+async fn a_peek_shows_messages_in_sequence_without_locking_or_counting_them() {
+    let bus = TestServiceBus::start().await;
+    let queue = name("peek");
+    bus.create_queue(&queue);
+    let mut client = client(&bus).await;
+    let mut sender = client.create_sender(&queue, ServiceBusSenderOptions::default()).await.unwrap();
+    for body in ["a", "b", "c"] {
+        sender.send_message(ServiceBusMessage::new(body.as_bytes().to_vec())).await.unwrap();
+    }
+    let mut receiver = receiver(&mut client, &queue).await;
+    let peeked = receiver.peek_messages(10, None).await.expect("peek");
+    assert_eq!(
+        peeked.iter().map(|m| m.body().unwrap().to_vec()).collect::<Vec<_>>(),
+        vec![b"a".to_vec(), b"b".to_vec(), b"c".to_vec()]
+    );
+    assert!(peeked.windows(2).all(|w| w[0].sequence_number() < w[1].sequence_number()));
+    let held = bus.active_messages(&queue);
+    assert!(held.iter().all(|m| !m.locked && m.delivery_count == 0), "{held:?}");
+    let first = receive_one(&mut receiver).await;
+    assert_eq!(first.body().unwrap(), b"a");
+    assert_eq!(first.delivery_count(), Some(1));
+}
+
+#[tokio::test]
+async fn sending_to_a_subscription_or_dead_letter_queue_and_receiving_from_a_topic_are_refused() {
+    let bus = TestServiceBus::start().await;
+    let queue = name("target");
+    let topic = name("topic");
+    bus.create_queue(&queue);
+    bus.create_topic(&topic);
+    bus.create_subscription(&topic, "sub", None);
+    let mut client = client(&bus).await;
+    for entity in [format!("{topic}/Subscriptions/sub"), format!("{queue}/$DeadLetterQueue")] {
+        let Err(error) = client.create_sender(&entity, ServiceBusSenderOptions::default()).await else {
+            panic!("a sender to {entity} attached")
+        };
+        assert!(format!("{error:?}").contains("cannot send to"), "{error:?}");
+    }
+    let Err(error) = client.create_receiver_for_queue(&topic, ServiceBusReceiverOptions::default()).await else {
+        panic!("a receiver of topic {topic} attached")
+    };
+    assert!(format!("{error:?}").contains("cannot receive from a topic"), "{error:?}");
+    assert!(bus.active_messages(&format!("{topic}/Subscriptions/sub")).is_empty());
+    assert!(bus.dead_letters(&queue).is_empty());
+}
+
+#[tokio::test]
+async fn a_receiver_that_asks_for_nothing_locks_nothing_and_leaves_the_message_to_the_next() {
+    let bus = TestServiceBus::start().await;
+    let queue = name("idle");
+    bus.create_queue(&queue);
+    let mut idle_client = client(&bus).await;
+    let idle = receiver(&mut idle_client, &queue).await;
+    let mut dropped_client = client(&bus).await;
+    let dropped = receiver(&mut dropped_client, &queue).await;
+    let mut client = client(&bus).await;
+    send(&mut client, &queue, ServiceBusMessage::new(b"waiting".to_vec())).await;
+    // No receive call, no credit: not locked, not counted, however long it waits.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let held = bus.active_messages(&queue);
+    assert!(!held[0].locked && held[0].delivery_count == 0, "{held:?}");
+
+    // The idle receivers go away (one closed, one by a dropped connection); the next receiver gets the message, first delivery.
+    idle.dispose().await.expect("idle receiver closes");
+    bus.drop_connections();
+    drop((dropped, dropped_client, idle_client));
+    let mut client = self::client(&bus).await;
+    let mut next = receiver(&mut client, &queue).await;
+    let message = receive_one(&mut next).await;
+    assert_eq!(message.body().unwrap(), b"waiting");
+    assert_eq!(message.delivery_count(), Some(1));
+    next.complete_message(&message).await.unwrap();
+}
