@@ -575,3 +575,28 @@ async fn a_receiver_that_asks_for_nothing_locks_nothing_and_leaves_the_message_t
     assert_eq!(message.delivery_count(), Some(1));
     next.complete_message(&message).await.unwrap();
 }
+
+#[tokio::test]
+async fn during_an_outage_clients_cannot_connect_and_afterwards_they_can() {
+    let bus = TestServiceBus::start().await;
+    let queue = name("outage");
+    bus.create_queue(&queue);
+    bus.enqueue_amqp_value(&queue, "{\"not\":\"data\"}", Some("33333333444455556666777777777777"));
+    bus.set_down(true);
+    assert!(client_with_key(&bus, bus.key()).await.is_err(), "connected during the outage");
+    bus.set_down(false);
+    let mut client = client(&bus).await;
+    let mut receiver = receiver(&mut client, &queue).await;
+    let message = receive_one(&mut receiver).await;
+    // An amqp-value body: azservicebus has no Data section to give.
+    assert!(message.body().is_err());
+    assert_eq!(message.message_id().as_deref(), Some("33333333444455556666777777777777"));
+    receiver
+        .dead_letter_message(
+            &message,
+            DeadLetterOptions { dead_letter_reason: Some("NotData".into()), ..Default::default() },
+        )
+        .await
+        .unwrap();
+    assert_eq!(bus.wait_for_dead_letters(&queue, 1, WAIT).await[0].body, b"{\"not\":\"data\"}");
+}

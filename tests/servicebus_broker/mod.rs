@@ -15,7 +15,9 @@
 //! an abandon), duplicate detection, subscription rules/filters (every subscription gets every
 //! message), auto-forwarding to a dead-letter queue, message size and quota limits, TLS, the HTTPS
 //! management (ATOM) API, partitioning, and Service Bus's error for settling after the lock expired
-//! (such a settlement is ignored). Its state is in memory.
+//! (such a settlement is ignored). A receiver link that has no credit keeps the next message
+//! reserved for itself (unlocked, uncounted) until it asks for it or detaches, so two receivers of
+//! one queue do not share fairly. Its state is in memory.
 //!
 //! It listens on `127.0.0.N:5672` (N ≥ 2, the first free), because `azservicebus` drops the port of
 //! a connection string's endpoint. When port 5672 is taken on every such address (a broker bound
@@ -32,6 +34,7 @@ mod server;
 mod store;
 
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -101,6 +104,7 @@ impl TestServiceBus {
             key_name: KEY_NAME.to_string(),
             key,
             sockets: Mutex::new(Vec::new()),
+            refusing: AtomicBool::new(false),
         });
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -218,6 +222,31 @@ impl TestServiceBus {
     /// Service Bus.
     pub fn drop_connections(&self) {
         self.broker.cut_connections();
+    }
+
+    /// An outage: while `down` is true, every connection is cut and new ones are closed as soon
+    /// as they open (clients' reconnection attempts fail); `false` ends it. The state is kept.
+    pub fn set_down(&self, down: bool) {
+        self.broker.refusing.store(down, Ordering::SeqCst);
+        if down {
+            self.broker.cut_connections();
+        }
+    }
+
+    /// Puts a message whose body is an AMQP *value* (a string) rather than Data sections, as some
+    /// AMQP clients send, into a queue or topic; `azservicebus` itself only sends Data bodies.
+    pub fn enqueue_amqp_value(&self, entity: &str, value: &str, message_id: Option<&str>) {
+        use fe2o3_amqp::types::messaging::{AmqpValue, Body, Message, MessageId, Properties};
+        use fe2o3_amqp::types::primitives::Value;
+        let properties =
+            Properties { message_id: message_id.map(|id| MessageId::String(id.to_string())), ..Default::default() };
+        let message = Message::builder()
+            .properties(properties)
+            .body(Body::Value(AmqpValue(Value::String(value.to_string()))))
+            .build();
+        if let Err(error) = self.namespace().enqueue(entity, message) {
+            panic!("cannot enqueue into {entity}: {error:?}");
+        }
     }
 
     /// `drop_connections`, and every lock released at once (each counted as a delivery).

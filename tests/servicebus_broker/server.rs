@@ -43,6 +43,8 @@ pub struct Broker {
     pub key: String,
     /// Clones of the accepted sockets, to cut every connection at once (`drop_connections`).
     pub sockets: Mutex<Vec<std::net::TcpStream>>,
+    /// While set, a new connection is closed as soon as it is accepted (the broker is "down").
+    pub refusing: std::sync::atomic::AtomicBool,
 }
 
 impl Broker {
@@ -87,6 +89,10 @@ pub async fn serve(listener: std::net::TcpListener, broker: Arc<Broker>, mut sto
             }
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
+                if broker.refusing.load(std::sync::atomic::Ordering::SeqCst) {
+                    drop(stream);
+                    continue;
+                }
                 let Some(stream) = register_socket(&broker, stream) else { continue };
                 tokio::spawn(connection_main(stream, broker.clone()));
             }
