@@ -1,7 +1,7 @@
 //! The AMQP 1.0 side of the test double, on fe2o3-amqp's acceptor: connections (SASL ANONYMOUS, as
 //! Service Bus clients use), sessions, and the links a Service Bus client attaches:
-//! - `$cbs`: put-token requests, each checked against the namespace key (`sas.rs`) and the entity it
-//!   names (unknown entity: status 404, as the client then reports it);
+//! - `$cbs`: put-token requests, each checked against the namespace key (`sas.rs`): status 202, or
+//!   401 with the reason;
 //! - `<entity>/$management`: renew-lock and peek-message requests;
 //! - `<entity>` (a full `amqp://host/path` address or a bare path): senders enqueue into queues and
 //!   topics, receivers get peek-locked messages with their lock token in the `x-opt-lock-token`
@@ -318,10 +318,9 @@ fn put_token(request: &Message<Body<Value>>, broker: &Broker, state: &Connection
     if let Err(why) = sas::verify(&token, &broker.key_name, &broker.key, now) {
         return response(request, 401, &format!("Unauthorized: {why}"), Value::Null);
     }
+    // As in Service Bus, a valid token is accepted whether or not the entity exists: an unknown
+    // entity is refused when the link attaches (`amqp:not-found`).
     let path = entity_path(&name);
-    if broker.namespace().resolve(&path).is_none() {
-        return response(request, 404, &format!("The messaging entity '{name}' could not be found."), Value::Null);
-    }
     state.authorised.lock().unwrap_or_else(|p| p.into_inner()).insert(super::store::key(&path));
     response(request, 202, "Accepted", Value::Null)
 }
