@@ -600,3 +600,16 @@ async fn during_an_outage_clients_cannot_connect_and_afterwards_they_can() {
         .unwrap();
     assert_eq!(bus.wait_for_dead_letters(&queue, 1, WAIT).await[0].body, b"{\"not\":\"data\"}");
 }
+
+#[tokio::test]
+async fn the_double_counts_open_connections_and_drops_them_all_at_once() {
+    let bus = TestServiceBus::start().await;
+    let first = client(&bus).await;
+    let second = client(&bus).await;
+    wait_until(|| bus.connection_count() == 2).await;
+    first.dispose().await.expect("client closes");
+    wait_until(|| bus.connection_count() == 1).await;
+    bus.drop_connections();
+    assert_eq!(bus.connection_count(), 0);
+    drop(second);
+}

@@ -103,7 +103,8 @@ impl TestServiceBus {
             namespace: Mutex::new(Namespace::default()),
             key_name: KEY_NAME.to_string(),
             key,
-            sockets: Mutex::new(Vec::new()),
+            sockets: Mutex::new(Default::default()),
+            next_connection: Default::default(),
             refusing: AtomicBool::new(false),
         });
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -215,6 +216,11 @@ impl TestServiceBus {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// How many client connections are open now.
+    pub fn connection_count(&self) -> usize {
+        self.broker.sockets.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
     /// Cuts every client connection at once (the state stays): what clients see of a broker

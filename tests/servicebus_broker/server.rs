@@ -41,8 +41,10 @@ pub struct Broker {
     pub namespace: Mutex<Namespace>,
     pub key_name: String,
     pub key: String,
-    /// Clones of the accepted sockets, to cut every connection at once (`drop_connections`).
-    pub sockets: Mutex<Vec<std::net::TcpStream>>,
+    /// Clones of the open connections' sockets (by connection number), to cut every connection at
+    /// once (`drop_connections`); a connection removes its own when it ends.
+    pub sockets: Mutex<HashMap<u64, std::net::TcpStream>>,
+    pub next_connection: std::sync::atomic::AtomicU64,
     /// While set, a new connection is closed as soon as it is accepted (the broker is "down").
     pub refusing: std::sync::atomic::AtomicBool,
 }
@@ -55,7 +57,7 @@ impl Broker {
     /// Shuts every accepted socket down: clients see the connection drop, as when a broker restarts.
     pub fn cut_connections(&self) {
         let sockets = std::mem::take(&mut *self.sockets.lock().unwrap_or_else(|p| p.into_inner()));
-        for socket in sockets {
+        for socket in sockets.into_values() {
             let _ = socket.shutdown(std::net::Shutdown::Both);
         }
     }
@@ -93,8 +95,12 @@ pub async fn serve(listener: std::net::TcpListener, broker: Arc<Broker>, mut sto
                     drop(stream);
                     continue;
                 }
-                let Some(stream) = register_socket(&broker, stream) else { continue };
-                tokio::spawn(connection_main(stream, broker.clone()));
+                let Some((number, stream)) = register_socket(&broker, stream) else { continue };
+                let broker = broker.clone();
+                tokio::spawn(async move {
+                    connection_main(stream, broker.clone()).await;
+                    broker.sockets.lock().unwrap_or_else(|p| p.into_inner()).remove(&number);
+                });
             }
         }
     }
@@ -102,11 +108,12 @@ pub async fn serve(listener: std::net::TcpListener, broker: Arc<Broker>, mut sto
     broker.cut_connections();
 }
 
-fn register_socket(broker: &Broker, stream: TcpStream) -> Option<TcpStream> {
+fn register_socket(broker: &Broker, stream: TcpStream) -> Option<(u64, TcpStream)> {
     let socket = stream.into_std().ok()?;
     let clone = socket.try_clone().ok()?;
-    broker.sockets.lock().unwrap_or_else(|p| p.into_inner()).push(clone);
-    TcpStream::from_std(socket).ok()
+    let number = broker.next_connection.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    broker.sockets.lock().unwrap_or_else(|p| p.into_inner()).insert(number, clone);
+    Some((number, TcpStream::from_std(socket).ok()?))
 }
 
 async fn sweep_locks(broker: Arc<Broker>) {
