@@ -132,8 +132,13 @@ async fn a_queue_message_round_trips_its_properties_under_a_peek_lock_until_comp
     assert!(held[0].locked);
     assert_eq!(held[0].delivery_count, 1);
 
+    let mut other_client = self::client(&bus).await;
+    let mut other = self::receiver(&mut other_client, &queue).await;
+    let nothing = other.receive_message_with_max_wait_time(Duration::from_millis(300)).await.expect("receive");
+    assert!(nothing.is_none(), "a locked message went to a second receiver");
+    other.dispose().await.expect("second receiver closes");
+
     receiver.complete_message(&received).await.expect("complete");
-    bus.wait_for_active(&queue, 0, WAIT).await;
     wait_until(|| bus.active_messages(&queue).is_empty()).await;
     receiver.dispose().await.expect("receiver closes");
     client.dispose().await.expect("client closes");
