@@ -665,3 +665,54 @@ async fn a_signature_is_checked_for_its_key_its_key_name_and_its_expiry() {
     }
     assert_eq!(bus.active_messages(&queue).len(), 1);
 }
+
+#[tokio::test]
+async fn one_sender_link_sends_many_messages_to_a_topic_while_its_queue_is_being_received() {
+    let bus = TestServiceBus::start().await;
+    let queue = name("firelyserver");
+    let topic = format!("Firely.Server.Contracts.Messages.V1~{}", name("ExecuteStorePlanCommand"));
+    bus.create_queue(&queue);
+    bus.create_topic(&topic);
+    bus.create_subscription(&topic, "FirelyServer", Some(&queue));
+    let mut consumer_client = client(&bus).await;
+    let mut consumer = consumer_client
+        .create_receiver_for_queue(&queue, ServiceBusReceiverOptions { prefetch_count: 4, ..Default::default() })
+        .await
+        .unwrap();
+    let consumed = tokio::spawn(async move {
+        let mut bodies = Vec::new();
+        while bodies.len() < 5 {
+            for message in consumer.receive_messages_with_max_wait_time(1, WAIT).await.unwrap() {
+                bodies.push(message.body().unwrap().to_vec());
+                consumer.complete_message(&message).await.unwrap();
+            }
+        }
+        bodies
+    });
+    let mut client = client(&bus).await;
+    let mut sender = client.create_sender(&topic, ServiceBusSenderOptions::default()).await.unwrap();
+    for i in 0..5 {
+        let send = sender.send_message(ServiceBusMessage::new(format!("c{i}").into_bytes()));
+        tokio::time::timeout(WAIT, send).await.expect("the broker settles every transfer").expect("accepted");
+    }
+    let bodies = tokio::time::timeout(WAIT, consumed).await.expect("all consumed").unwrap();
+    assert_eq!(bodies, (0..5).map(|i| format!("c{i}").into_bytes()).collect::<Vec<_>>());
+}
+
+/// A client on a multi-threaded runtime sending one message after another on one link: each send
+/// is settled (the double's settle delay keeps its outcome from overtaking the client's own
+/// bookkeeping, see `SETTLE_DELAY`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_multi_threaded_client_gets_an_outcome_for_every_send_on_one_link() {
+    let bus = TestServiceBus::start().await;
+    let queue = name("stream");
+    bus.create_queue(&queue);
+    let mut client = client(&bus).await;
+    let mut sender = client.create_sender(&queue, ServiceBusSenderOptions::default()).await.unwrap();
+    for i in 0..150 {
+        let body = format!("{{\"n\":{i},\"pad\":\"{}\"}}", "x".repeat(600));
+        let send = sender.send_message(ServiceBusMessage::new(body.into_bytes()));
+        tokio::time::timeout(WAIT, send).await.unwrap_or_else(|_| panic!("send {i} got no outcome")).expect("accepted");
+    }
+    assert_eq!(bus.active_messages(&queue).len(), 150);
+}

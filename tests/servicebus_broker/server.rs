@@ -36,6 +36,15 @@ use super::store::{Address, AmqpMessage, EnqueueError, Entity, Namespace, Settle
 /// Microsoft's batch message format: the body's Data sections are each a whole encoded message.
 const BATCH_MESSAGE_FORMAT: u32 = 0x8001_3700;
 
+/// How long the double waits before it settles a message a client sent. fe2o3-amqp 0.14's sender
+/// (azservicebus's AMQP stack) records a delivery as unsettled only *after* it has handed the
+/// transfer to its session; an outcome that comes back faster than that (on loopback, from a
+/// client on a multi-threaded runtime) finds no delivery and is dropped, and the send then hangs
+/// until the client's try-timeout and panics on its retry. A network's round trip hides this from
+/// clients of Service Bus; this delay stands in for it. (The double's own senders are safe: its
+/// runtime has one worker thread, so the outcome cannot overtake the bookkeeping.)
+const SETTLE_DELAY: Duration = Duration::from_millis(30);
+
 /// State shared by the accept loop, every connection and the test's handle.
 pub struct Broker {
     pub namespace: Mutex<Namespace>,
@@ -449,6 +458,8 @@ async fn entity_receiver(mut receiver: Receiver, path: String, broker: Arc<Broke
             }
             Ok(())
         });
+        // See SETTLE_DELAY: an outcome sent at once can be lost by the client.
+        tokio::time::sleep(SETTLE_DELAY).await;
         let _ = match result {
             Ok(()) => receiver.accept(&delivery).await,
             Err(error) => receiver.reject(&delivery, error).await,
