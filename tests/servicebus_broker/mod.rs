@@ -25,6 +25,9 @@
 //! clients must pass `host:port` themselves (`namespace_address()`), e.g. through
 //! `ServiceBusClient::with_custom_retry_policy().unsecured().new_from_named_key_credential`.
 //!
+//! It settles each message a client sends after 30 ms (`SETTLE_DELAY` in `server.rs`), standing in
+//! for a network round trip that the client's AMQP stack relies on without knowing it.
+//!
 //! The broker runs on a runtime of its own (one worker thread), so that it keeps serving whatever
 //! the test's runtime does, and stops when the handle is dropped.
 #![allow(dead_code)]
