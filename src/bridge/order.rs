@@ -6,7 +6,7 @@
 //! shared resource run one after the other, in the order they arrived. A command whose task panics
 //! drops its guard too, so nothing waits forever.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use futures::FutureExt;
 use futures::future::Shared;
@@ -24,11 +24,14 @@ pub struct KeyOrder {
 }
 
 impl KeyOrder {
-    /// Registers a command touching `keys`: returns what it must wait for, and its own guard.
+    /// Registers a command touching `keys`: returns what it must wait for, and its own guard. A key
+    /// named twice counts once: a command never waits for itself (a retrieve plan may name one
+    /// resource in several instructions).
     pub fn enter(&mut self, keys: Vec<ResourceKey>) -> (Vec<Done>, oneshot::Sender<()>) {
         let (done, finished) = oneshot::channel();
         let finished = finished.shared();
         let mut waits = Vec::new();
+        let keys: HashSet<ResourceKey> = keys.into_iter().collect();
         for key in keys {
             if let Some(previous) = self.tails.insert(key, finished.clone())
                 && previous.peek().is_none()
@@ -62,5 +65,17 @@ mod tests {
         assert!(first.clone().now_or_never().is_none(), "must wait for the first command");
         drop(g1);
         assert!(first.now_or_never().is_some(), "released when the first command is done");
+    }
+
+    #[test]
+    fn a_command_naming_a_resource_twice_does_not_wait_for_itself() {
+        let mut order = KeyOrder::default();
+        let a = ResourceKey::new("Patient", "a");
+        let (waits, guard) = order.enter(vec![a.clone(), a.clone(), a.clone()]);
+        assert!(waits.is_empty(), "nothing entered before it");
+        let (next, _) = order.enter(vec![a]);
+        assert_eq!(next.len(), 1);
+        drop(guard);
+        assert!(next[0].clone().now_or_never().is_some());
     }
 }
