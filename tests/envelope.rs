@@ -727,3 +727,16 @@ proptest! {
         prop_assert_eq!(ServiceBusAddress::parse(&s.to_string()), Ok(s.clone()), "{}", s);
     }
 }
+
+/// Found by fuzzing (`fuzz/regressions/envelope_decode/raw-null-body`): a bare `null` body was read as a
+/// message `null`, which then wrote back as an envelope without a message. It is no message, as in an envelope.
+#[test]
+fn a_bare_null_body_has_no_message_like_a_null_message_member() {
+    let meta = TransportMeta { type_hint: Some(MessageType::ExecuteStorePlanCommand), ..TransportMeta::default() };
+    for body in [&b"null"[..], b" null\n", br#"{"messageType": [], "message": null}"#] {
+        let env = envelope::decode(body, &meta).unwrap();
+        assert!(env.message.is_none(), "{}", String::from_utf8_lossy(body));
+        let again = envelope::decode(&envelope::encode(&env), &TransportMeta::default()).unwrap();
+        assert_eq!(again.message.is_none(), env.message.is_none());
+    }
+}
