@@ -109,7 +109,7 @@ fn expand(recipe: &str) -> Vec<u8> {
     let mut out = Vec::new();
     let mut rest = recipe;
     while let Some(start) = rest.find("<<repeat ") {
-        out.extend_from_slice(rest[..start].as_bytes());
+        out.extend_from_slice(&rest.as_bytes()[..start]);
         let after = &rest[start + "<<repeat ".len()..];
         let end = after.find(">>").expect("a recipe's <<repeat is closed by >>");
         let (count, text) = after[..end].split_once(' ').expect("<<repeat N TEXT>>");
