@@ -67,21 +67,31 @@ pub fn plan_validate(data: &[u8]) {
         assert!(!instruction.item_id.trim().is_empty());
         if let Some(version) = &instruction.version {
             assert!(sent.contains(&Some(version.body.clone())), "the resource text was changed");
-            let head: serde_json::Value = serde_json::from_str(&version.body).expect("a validated resource is JSON");
-            assert_eq!(head["resourceType"].as_str(), Some(instruction.key.resource_type.as_str()));
-            assert_eq!(head["id"].as_str(), Some(instruction.key.resource_id.as_str()));
+            // Only the members the key comes from: other members are kept as sent, numbers beyond
+            // f64 included (FHIR decimals have no range), so the whole text need not fit a `Value`.
+            let head: Head = serde_json::from_str(&version.body).expect("a validated resource names its type and id");
+            assert_eq!(head.resource_type, instruction.key.resource_type);
+            assert_eq!(head.id, instruction.key.resource_id);
         }
     }
 }
 
+#[derive(serde::Deserialize)]
+struct Head {
+    #[serde(rename = "resourceType")]
+    resource_type: String,
+    id: String,
+}
+
 /// Any text as an endpoint address, for each broker. Parsing must never panic, and an address that
-/// parses must print as text that parses back to the same address (the module's invariant).
+/// parses must print as text that parses back, for its own broker, to the same address (the module's
+/// invariant; `kafka:` text given where RabbitMQ is the default prints as `topic:…`, a Kafka short form).
 pub fn address_parse(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else { return };
     for kind in [TransportKind::RabbitMq, TransportKind::Kafka, TransportKind::ServiceBus] {
         let Ok(address) = Address::parse(text, kind) else { continue };
         let printed = address.to_string();
-        let again = Address::parse(&printed, kind)
+        let again = Address::parse(&printed, address.kind())
             .unwrap_or_else(|e| panic!("`{text}` parsed, but its printed form `{printed}` does not: {e}"));
         assert_eq!(again, address, "`{text}` printed as `{printed}` reads back differently");
     }
