@@ -31,8 +31,11 @@ impl KeyOrder {
         let (done, finished) = oneshot::channel();
         let finished = finished.shared();
         let mut waits = Vec::new();
-        let keys: HashSet<ResourceKey> = keys.into_iter().collect();
+        let mut seen = HashSet::new();
         for key in keys {
+            if !seen.insert(key.clone()) {
+                continue;
+            }
             if let Some(previous) = self.tails.insert(key, finished.clone())
                 && previous.peek().is_none()
             {
