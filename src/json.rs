@@ -61,6 +61,81 @@ pub fn parse_lenient(text: &str) -> Result<Box<RawValue>, JsonError> {
     serde_json::from_str::<Box<RawValue>>(&strict).map_err(|e| JsonError::Syntax(e.to_string()))
 }
 
+/// Whether `bytes`, read as lenient JSON, nests arrays and objects more than `max` deep. A linear
+/// scan without allocation, so that a body nested a million deep is refused before any parser (or
+/// any recursive drop) sees it. Brackets inside strings and comments do not count; bytes that are
+/// not JSON are scanned all the same and left for the parser to refuse.
+pub fn nesting_exceeds(bytes: &[u8], max: usize) -> bool {
+    let mut depth = 0usize;
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'"' => {
+                i += 1;
+                while i < bytes.len() && bytes[i] != b'"' {
+                    i += if bytes[i] == b'\\' { 2 } else { 1 };
+                }
+            }
+            b'/' if bytes.get(i + 1) == Some(&b'/') => {
+                while i < bytes.len() && bytes[i] != b'\n' {
+                    i += 1;
+                }
+            }
+            b'/' if bytes.get(i + 1) == Some(&b'*') => {
+                i += 2;
+                while i < bytes.len() && !(bytes[i] == b'*' && bytes.get(i + 1) == Some(&b'/')) {
+                    i += 1;
+                }
+                i += 1;
+            }
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        i += 1;
+    }
+    false
+}
+
+/// Whether JSON `text` escapes half of a UTF-16 surrogate pair alone (`"\\ud800"`). The grammar lets it
+/// through, but no UTF-8 text and no .NET string reader can hold it: a resource with one would be
+/// stored as sent and then fail every reader.
+pub fn has_lone_surrogate(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    let hex = |at: usize| -> Option<u16> {
+        let digits = bytes.get(at..at + 4)?;
+        u16::from_str_radix(std::str::from_utf8(digits).ok()?, 16).ok()
+    };
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] != b'\\' {
+            i += 1;
+            continue;
+        }
+        if bytes.get(i + 1) != Some(&b'u') {
+            i += 2;
+            continue;
+        }
+        match hex(i + 2) {
+            Some(0xD800..=0xDBFF) => {
+                let low = if bytes.get(i + 6..i + 8) == Some(b"\\u") { hex(i + 8) } else { None };
+                if !matches!(low, Some(0xDC00..=0xDFFF)) {
+                    return true;
+                }
+                i += 12;
+            }
+            Some(0xDC00..=0xDFFF) => return true,
+            _ => i += 6,
+        }
+    }
+    false
+}
+
 /// The members of one JSON object, looked up by name without regard to ASCII case.
 ///
 /// When a name occurs more than once (in any case), the first occurrence wins, as MassTransit's
@@ -183,6 +258,30 @@ mod tests {
         let raw = parse_lenient(loose).unwrap();
         let v: serde_json::Value = serde_json::from_str(raw.get()).unwrap();
         assert_eq!(v, serde_json::json!({"a": 1, "b": [1, 2]}));
+    }
+
+    #[test]
+    fn nesting_is_counted_outside_strings_and_comments_only() {
+        assert!(!nesting_exceeds(br#"{"a": [1, {"b": []}]}"#, 4));
+        assert!(nesting_exceeds(br#"{"a": [1, {"b": []}]}"#, 3));
+        assert!(!nesting_exceeds(br#"{"a": "[[[[{{{{\"[[["}"#, 1), "brackets in strings, escaped quotes");
+        assert!(!nesting_exceeds(b"{\"a\": 1 // [[[[\n, /* {{{{ */ \"b\": 2}", 1), "brackets in comments");
+        let deep = format!("{}{}", "[".repeat(1_000_000), "]".repeat(1_000_000));
+        assert!(nesting_exceeds(deep.as_bytes(), 128));
+        assert!(!nesting_exceeds(deep.as_bytes(), 1_000_000));
+        // Unbalanced and truncated input is scanned without panicking.
+        assert!(!nesting_exceeds(b"]]]}}\"\\", 1));
+        assert!(!nesting_exceeds(b"/*", 1));
+    }
+
+    #[test]
+    fn lone_surrogates_are_found_and_pairs_and_escaped_backslashes_are_not() {
+        assert!(has_lone_surrogate(r#"{"a": "x\ud800"}"#));
+        assert!(has_lone_surrogate(r#"{"a": "\udc00"}"#));
+        assert!(has_lone_surrogate(r#"{"a": "\ud800\u0041"}"#));
+        assert!(has_lone_surrogate(r#""\ud800"#), "truncated");
+        assert!(!has_lone_surrogate(r#"{"a": "\ud83d\ude00 \u00fc \n"}"#), "a pair, a BMP escape");
+        assert!(!has_lone_surrogate(r#"{"a": "\\ud800"}"#), "an escaped backslash before ud800");
     }
 
     #[test]

@@ -253,6 +253,7 @@ async fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
     let options = BridgeOptions {
         concurrency: settings.pub_sub.message_broker.concurrency_number as usize,
         max_message_bytes: settings.limits.max_message_bytes,
+        max_json_depth: settings.limits.max_json_depth,
         plan_limits: PlanLimits { max_instructions: settings.limits.max_instructions_per_plan },
     };
     let events = settings.pub_sub.resource_change_notifications.clone();

@@ -727,3 +727,35 @@ proptest! {
         prop_assert_eq!(ServiceBusAddress::parse(&s.to_string()), Ok(s.clone()), "{}", s);
     }
 }
+
+/// Found by fuzzing (`fuzz/regressions/envelope_decode/raw-null-body`): a bare `null` body was read as a
+/// message `null`, which then wrote back as an envelope without a message. It is no message, as in an envelope.
+#[test]
+fn a_bare_null_body_has_no_message_like_a_null_message_member() {
+    let meta = TransportMeta { type_hint: Some(MessageType::ExecuteStorePlanCommand), ..TransportMeta::default() };
+    for body in [&b"null"[..], b" null\n", br#"{"messageType": [], "message": null}"#] {
+        let env = envelope::decode(body, &meta).unwrap();
+        assert!(env.message.is_none(), "{}", String::from_utf8_lossy(body));
+        let again = envelope::decode(&envelope::encode(&env), &TransportMeta::default()).unwrap();
+        assert_eq!(again.message.is_none(), env.message.is_none());
+    }
+}
+
+/// Found by fuzzing (`fuzz/regressions/address_parse/service-bus-*-with-encoded-slash`): a scope segment
+/// written `%2F` left empty pieces in the scope, which printed as `//` and read back without them.
+#[test]
+fn a_service_bus_scope_with_an_encoded_slash_prints_as_it_reads() {
+    for text in ["sb://ns.servicebus.windows.net/a/%2F/name", "sb://ns.servicebus.windows.net/a%2Fb/name"] {
+        let address = ServiceBusAddress::parse(text).unwrap();
+        assert!(!address.scope.as_deref().unwrap_or_default().contains("//"), "{address:?}");
+        let again = ServiceBusAddress::parse(&address.to_string()).unwrap();
+        assert_eq!(again, address, "{text} printed as {address}");
+    }
+    for text in ["queue:/%2F/name/", "topic:a//%2F/name", "sb://ns.servicebus.windows.net/m.%2F.%2Fvhost/bc"] {
+        let address = ServiceBusAddress::parse(text).unwrap();
+        let again = ServiceBusAddress::parse(&address.to_string()).unwrap();
+        assert_eq!(again, address, "{text} printed as {address}");
+    }
+    let address = ServiceBusAddress::parse("sb://ns.servicebus.windows.net/a%2Fb/name").unwrap();
+    assert_eq!(address.entity_path(), "a/b/name");
+}

@@ -797,13 +797,13 @@ async fn concurrent_writers_and_a_reader(store: &common::TestStore) {
 }
 both_stores!(concurrent_change_log, concurrent_writers_and_a_reader);
 
-/// Data PostgreSQL refuses (a NUL character in the id, which its text cannot hold) fails only its own
+/// Data PostgreSQL refuses (a NUL character in meta.lastUpdated, which its text cannot hold) fails only its own
 /// plan, alone or in a group: the reply says the database refused it, nothing of it is stored, the
 /// refusal is in the inbox, and the other plans of the group are applied.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_refused_data_fails_its_plan_alone_or_in_a_group() {
     let store = common::TestStore::new(common::Kind::Postgres).await;
-    let refused = json!({"resourceType": "Patient", "id": "nul\u{0}byte", "meta": {"versionId": "1", "lastUpdated": "2024-01-01T00:00:00Z"}})
+    let refused = json!({"resourceType": "Patient", "id": "nul", "meta": {"versionId": "1", "lastUpdated": "2024-01-01T00:00:00Z\u{0}"}})
     .to_string();
     let refused_plan = json!({"instructions": [upsert("0", refused)]}).to_string();
     let refused_id = Uuid::new_v4();

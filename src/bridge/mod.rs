@@ -53,12 +53,20 @@ pub struct BridgeOptions {
     pub concurrency: usize,
     /// Bodies larger than this go to the error queue unread (`Limits.MaxMessageBytes`).
     pub max_message_bytes: usize,
+    /// Bodies nesting arrays and objects deeper than this go to the error queue unparsed
+    /// (`Limits.MaxJsonDepth`).
+    pub max_json_depth: usize,
     pub plan_limits: PlanLimits,
 }
 
 impl Default for BridgeOptions {
     fn default() -> Self {
-        BridgeOptions { concurrency: 16, max_message_bytes: 16 * 1024 * 1024, plan_limits: PlanLimits::default() }
+        BridgeOptions {
+            concurrency: 16,
+            max_message_bytes: 16 * 1024 * 1024,
+            max_json_depth: 128,
+            plan_limits: PlanLimits::default(),
+        }
     }
 }
 
@@ -178,6 +186,16 @@ impl Bridge {
                     "The message has {} bytes; at most {} are accepted (Limits.MaxMessageBytes). Send large plans by claim check.",
                     delivery.body.len(),
                     self.options.max_message_bytes
+                ),
+                message_type: None,
+            });
+        }
+        if crate::json::nesting_exceeds(&delivery.body, self.options.max_json_depth) {
+            return Prepared::Unreadable(FaultReason {
+                exception_type: "MessageTooDeep".into(),
+                message: format!(
+                    "The message nests arrays and objects more than {} deep (Limits.MaxJsonDepth); FHIR resources need far less.",
+                    self.options.max_json_depth
                 ),
                 message_type: None,
             });
@@ -420,6 +438,20 @@ impl Bridge {
 
     async fn retrieve_plan(&self, envelope: &Envelope) -> Result<Reply, StoreError> {
         let response = match envelope.message.as_deref().map(read::retrieve_plan) {
+            Some(Ok(list)) if list.len() > self.options.plan_limits.max_instructions => {
+                crate::contracts::RetrievePlanResponse {
+                    items: vec![crate::contracts::RetrieveItem {
+                        item_id: None,
+                        resource: None,
+                        status: crate::contracts::Status::of(StatusDetails::BadRequestWrongPayloadFormat),
+                        message: Some(format!(
+                            "The plan has {} instructions; at most {} are accepted in one plan (Limits.MaxInstructionsPerPlan). Split it into several plans.",
+                            list.len(),
+                            self.options.plan_limits.max_instructions
+                        )),
+                    }],
+                }
+            }
             Some(Ok(list)) => {
                 metrics::histogram!(m::PLAN_INSTRUCTIONS, "type" => MessageType::RetrievePlanCommand.as_str())
                     .record(list.len() as f64);

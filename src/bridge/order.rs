@@ -10,7 +10,7 @@
 //! enters with [`KeyOrder::enter_exclusive`]: it waits for every earlier command, and every later
 //! one waits for it, so per-resource arrival order holds whatever its plan turns out to touch.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use futures::FutureExt;
 use futures::future::Shared;
@@ -30,7 +30,9 @@ pub struct KeyOrder {
 }
 
 impl KeyOrder {
-    /// Registers a command touching `keys`: returns what it must wait for, and its own guard.
+    /// Registers a command touching `keys`: returns what it must wait for, and its own guard. A key
+    /// named twice counts once: a command never waits for itself (a retrieve plan may name one
+    /// resource in several instructions).
     pub fn enter(&mut self, keys: Vec<ResourceKey>) -> (Vec<Done>, oneshot::Sender<()>) {
         let (done, finished) = oneshot::channel();
         let finished = finished.shared();
@@ -42,7 +44,11 @@ impl KeyOrder {
                 self.barrier = None;
             }
         }
+        let mut seen = HashSet::new();
         for key in keys {
+            if !seen.insert(key.clone()) {
+                continue;
+            }
             if let Some(previous) = self.tails.insert(key, finished.clone())
                 && previous.peek().is_none()
             {
@@ -109,5 +115,17 @@ mod tests {
         assert!(w4[0].clone().now_or_never().is_some());
         let (w5, _g5) = order.enter(vec![ResourceKey::new("Patient", "d")]);
         assert!(w5.is_empty(), "a finished exclusive command holds nobody up");
+    }
+
+    #[test]
+    fn a_command_naming_a_resource_twice_does_not_wait_for_itself() {
+        let mut order = KeyOrder::default();
+        let a = ResourceKey::new("Patient", "a");
+        let (waits, guard) = order.enter(vec![a.clone(), a.clone(), a.clone()]);
+        assert!(waits.is_empty(), "nothing entered before it");
+        let (next, _) = order.enter(vec![a]);
+        assert_eq!(next.len(), 1);
+        drop(guard);
+        assert!(next[0].clone().now_or_never().is_some());
     }
 }

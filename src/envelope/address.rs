@@ -470,9 +470,11 @@ impl ServiceBusAddress {
                     text: text.into(),
                     reason: "it names no namespace".into(),
                 })?;
+                // A `/` written as `%2F` separates like any other: the scope is kept as its segments
+                // joined with `/`, so an empty piece could not be written back and read the same.
                 let mut segments = Vec::new();
                 for segment in url.path().split('/').filter(|s| !s.is_empty()) {
-                    segments.push(decode(text, segment)?);
+                    push_pieces(&mut segments, &decode(text, segment)?);
                 }
                 let name = segments.pop().ok_or_else(|| AddressError::MissingName { text: text.into() })?;
                 let scope = if segments.is_empty() { None } else { Some(segments.join("/")) };
@@ -493,7 +495,7 @@ impl ServiceBusAddress {
                 }
                 let mut segments = Vec::new();
                 for segment in path.split('/') {
-                    segments.push(decode(text, segment)?);
+                    push_pieces(&mut segments, &decode(text, segment)?);
                 }
                 let name = segments.pop().unwrap_or_default();
                 let scope = if segments.is_empty() { None } else { Some(segments.join("/")) };
@@ -591,6 +593,21 @@ impl fmt::Display for ServiceBusAddress {
             write!(f, "?{}", options.join("&"))?;
         }
         Ok(())
+    }
+}
+
+/// Adds a decoded Service Bus path segment to `segments` as URL resolution would read its printed form:
+/// a `/` it holds (sent as `%2F`) separates, empty pieces and `.` go, `..` removes the piece before.
+/// The scope is kept as its segments joined with `/`, so only normalized pieces print and read back the same.
+fn push_pieces(segments: &mut Vec<String>, decoded: &str) {
+    for piece in decoded.split('/') {
+        match piece {
+            "" | "." => {}
+            ".." => {
+                segments.pop();
+            }
+            other => segments.push(other.to_owned()),
+        }
     }
 }
 

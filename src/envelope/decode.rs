@@ -283,7 +283,8 @@ fn from_raw(raw: &RawValue, meta: &TransportMeta) -> Result<Envelope, DecodeErro
         response_address: address(&["MT-Response-Address", "ResponseAddress"])?,
         fault_address: address(&["MT-Fault-Address", "FaultAddress"])?,
         message_type: text(&["MT-MessageType"]).map(|(_, t)| split_types(&t)).unwrap_or_default(),
-        message: Some(raw.to_owned()),
+        // A bare `null` is no message, as `"message": null` in an envelope is not.
+        message: (raw.get() != "null").then(|| raw.to_owned()),
         expiration_time: None,
         sent_time: None,
         headers,

@@ -72,6 +72,44 @@ fn non_blank(v: &Option<String>) -> Option<&str> {
     v.as_deref().map(str::trim).filter(|s| !s.is_empty())
 }
 
+/// FHIR's rule for a resource type name: a capital letter, then letters (at most 64 in all).
+fn is_fhir_type(text: &str) -> bool {
+    let mut chars = text.chars();
+    chars.next().is_some_and(|c| c.is_ascii_uppercase()) && text.len() <= 64 && chars.all(|c| c.is_ascii_alphabetic())
+}
+
+/// FHIR's `id` datatype (resource ids and `meta.versionId`): `[A-Za-z0-9\-\.]{1,64}`.
+fn is_fhir_id(text: &str) -> bool {
+    (1..=64).contains(&text.len()) && text.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+}
+
+/// A value for an error reply: cut short, so that a megabyte id is not sent back whole.
+fn shown(text: &str) -> String {
+    match text.char_indices().nth(40) {
+        Some((end, _)) => format!("{}… ({} bytes)", &text[..end], text.len()),
+        None => text.to_owned(),
+    }
+}
+
+/// Refuses a type or id the store could not index or FHIR would not allow.
+fn check_key(item_id: &str, resource_type: &str, resource_id: &str) -> Result<(), String> {
+    if !is_fhir_type(resource_type) {
+        return Err(format!(
+            "Instruction `{}`: `{}` is not a FHIR resource type (a capital letter, then letters).",
+            shown(item_id),
+            shown(resource_type)
+        ));
+    }
+    if !is_fhir_id(resource_id) {
+        return Err(format!(
+            "Instruction `{}`: `{}` is not a FHIR id (1 to 64 of A-Z, a-z, 0-9, `-` and `.`).",
+            shown(item_id),
+            shown(resource_id)
+        ));
+    }
+    Ok(())
+}
+
 /// Checks a store plan. `Err` holds the errors to reply with; nothing may be applied then.
 pub fn validate_store_plan(
     instructions: Vec<StoreInstructionRead>,
@@ -82,7 +120,7 @@ pub fn validate_store_plan(
             None,
             StatusDetails::BadRequestWrongPayloadFormat,
             format!(
-                "The plan has {} instructions; at most {} are accepted in one plan. Split it into several plans.",
+                "The plan has {} instructions; at most {} are accepted in one plan (Limits.MaxInstructionsPerPlan). Split it into several plans.",
                 instructions.len(),
                 limits.max_instructions
             ),
@@ -159,6 +197,9 @@ fn validate_instruction(read: StoreInstructionRead) -> Result<ValidInstruction, 
         let Some(resource_id) = given_id else {
             return fail(StatusDetails::BadRequestMissingResourceId, format!("Delete `{item_id}` has no resourceId."));
         };
+        if let Err(message) = check_key(&item_id, &resource_type, &resource_id) {
+            return fail(StatusDetails::BadRequestWrongPayloadFormat, message);
+        }
         return Ok(ValidInstruction {
             item_id,
             operation,
@@ -178,6 +219,14 @@ fn validate_instruction(read: StoreInstructionRead) -> Result<ValidInstruction, 
         return fail(
             StatusDetails::BadRequestWrongPayloadFormat,
             format!("The resource of `{item_id}` contains a NUL character, which cannot be stored."),
+        );
+    }
+    if crate::json::has_lone_surrogate(&body) {
+        return fail(
+            StatusDetails::BadRequestWrongPayloadFormat,
+            format!(
+                "The resource of `{item_id}` is not a FHIR JSON object: it escapes half of a surrogate pair (\\uD800-\\uDFFF) alone, which no text can hold."
+            ),
         );
     }
     let head: ResourceHead = match serde_json::from_str(&body) {
@@ -217,6 +266,9 @@ fn validate_instruction(read: StoreInstructionRead) -> Result<ValidInstruction, 
             format!("Instruction `{item_id}` says resourceId `{i}` but its resource has id `{own_id}`."),
         );
     }
+    if let Err(message) = check_key(&item_id, &own_type, &own_id) {
+        return fail(StatusDetails::BadRequestWrongPayloadFormat, message);
+    }
     let (version_id, last_updated) = match head.meta {
         None => (None, None),
         Some(meta) => (non_empty_string(meta.version_id), non_empty_string(meta.last_updated)),
@@ -227,6 +279,16 @@ fn validate_instruction(read: StoreInstructionRead) -> Result<ValidInstruction, 
             format!("The resource of `{item_id}` has no meta.versionId; the caller chooses the versionId."),
         );
     };
+    if !is_fhir_id(&version_id) {
+        return fail(
+            StatusDetails::BadRequestWrongPayloadFormat,
+            format!(
+                "The resource of `{}` has meta.versionId `{}`, which is not a FHIR id (1 to 64 of A-Z, a-z, 0-9, `-` and `.`).",
+                shown(&item_id),
+                shown(&version_id)
+            ),
+        );
+    }
     let Some(last_updated) = last_updated else {
         return fail(
             StatusDetails::BadRequestPayloadMissingLastUpdated,

@@ -1,0 +1,7 @@
+//! libFuzzer entry for [`checks::plan_validate`].
+#![no_main]
+
+#[path = "../checks.rs"]
+mod checks;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| checks::plan_validate(data));
