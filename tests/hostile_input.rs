@@ -4,6 +4,7 @@
 //! secret may show in a reply, an error-queue header, `/status` or the log.
 
 mod amqp_support;
+mod azurite_support;
 mod bridge_process;
 mod common;
 
@@ -19,6 +20,7 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use object_store::ObjectStoreExt;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -31,6 +33,8 @@ const PATIENCE: Duration = Duration::from_secs(60);
 /// The limits the bridge runs with here (the corpus's size cases are written against them).
 const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 const MAX_INSTRUCTIONS: usize = 1000;
+const MAX_CLAIM_CHECK_BYTES: u64 = 1024 * 1024;
+const CLAIM_CONTAINER: &str = "fhir-claims";
 
 #[derive(Debug, Deserialize)]
 struct Corpus {
@@ -50,8 +54,6 @@ struct Case {
     expect: String,
     #[allow(dead_code)]
     note: Option<String>,
-    #[allow(dead_code)]
-    retarget: Option<String>,
 }
 
 /// What a case must get, parsed from its `expect` line.
@@ -122,13 +124,14 @@ fn expand(recipe: &str) -> Vec<u8> {
 }
 
 /// The body of a case as sent, placeholders filled in.
-fn body_of(case: &Case, reply: &str) -> Vec<u8> {
+fn body_of(case: &Case, reply: &str, blobs: &str) -> Vec<u8> {
     let raw = match (&case.file, &case.recipe) {
         (Some(file), None) => std::fs::read(corpus_dir().join(file)).unwrap_or_else(|e| panic!("{file}: {e}")),
         (None, Some(recipe)) => expand(recipe),
         _ => panic!("{}: give exactly one of file and recipe", case.name),
     };
     let filled = replace(&raw, b"<<reply>>", reply.as_bytes());
+    let filled = replace(&filled, b"<<blobs>>", blobs.as_bytes());
     replace(&filled, b"<<message-id>>", Uuid::new_v4().to_string().as_bytes())
 }
 
@@ -307,8 +310,20 @@ async fn every_hostile_message_gets_its_outcome_and_the_bridge_keeps_serving() {
     let queue = format!("fhir-pubsub-test-hostile-{}", Uuid::new_v4().simple());
     // Secrets configured but never needed on this broker: none may leave the process.
     let secrets = [format!("KafkaPw-{}", Uuid::new_v4().simple()), format!("KeystorePw-{}", Uuid::new_v4().simple())];
+    // Claim checks on, against an Azurite of the test's own holding a blob over the size limit and
+    // one that is not JSON.
+    let azurite = azurite_support::Azurite::start().await;
+    azurite.create_container(CLAIM_CONTAINER);
+    let blobs = azurite.container(CLAIM_CONTAINER);
+    let huge = vec![b' '; MAX_CLAIM_CHECK_BYTES as usize + 1024];
+    blobs.put(&object_store::path::Path::from("huge.json"), huge.into()).await.expect("huge.json uploaded");
+    blobs.put(&object_store::path::Path::from("not-json.txt"), b"plain text".to_vec().into()).await.expect("uploaded");
     let mut command = BridgeProcess::command(&store_url, &queue);
     command
+        .env("FHIRPUBSUB_PubSub__ClaimCheck__StorageType", "AzureBlobStorage")
+        .env("FHIRPUBSUB_PubSub__ClaimCheck__AzureBlobStorageConnectionString", azurite.connection_string())
+        .env("FHIRPUBSUB_PubSub__ClaimCheck__AzureBlobContainerName", CLAIM_CONTAINER)
+        .env("FHIRPUBSUB_Limits__MaxClaimCheckBytes", MAX_CLAIM_CHECK_BYTES.to_string())
         .env("FHIRPUBSUB_Limits__MaxMessageBytes", MAX_MESSAGE_BYTES.to_string())
         .env("FHIRPUBSUB_Limits__MaxInstructionsPerPlan", MAX_INSTRUCTIONS.to_string())
         .env("FHIRPUBSUB_PubSub__MessageBroker__Kafka__Password", &secrets[0])
@@ -326,7 +341,7 @@ async fn every_hostile_message_gets_its_outcome_and_the_bridge_keeps_serving() {
 
     for (n, case) in cases.iter().enumerate() {
         let what = format!("case {} ({})", case.name, case.category);
-        let body = body_of(case, &client.reply_address);
+        let body = body_of(case, &client.reply_address, &azurite.endpoint());
         let content_type = match case.content_type.as_deref() {
             None => Some(ENVELOPE),
             Some("") => None,
