@@ -186,7 +186,12 @@ impl PrivatePostgres {
     /// `pg_ctl stop -m immediate`: the postmaster of this data dir quits without a checkpoint (a crash
     /// as far as the data is concerned; the next start runs recovery).
     pub fn stop_immediate(&self) {
-        let _ = as_postgres("pg_ctl").arg("-D").arg(self.data()).args(["-m", "immediate", "stop"]).status();
+        let _ = as_postgres("pg_ctl")
+            .arg("-D")
+            .arg(self.data())
+            .args(["-m", "immediate", "stop"])
+            .stdout(Stdio::null())
+            .status();
     }
 }
 
