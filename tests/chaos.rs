@@ -103,7 +103,7 @@ impl Rig {
 
     /// Checks the run, prints the report, cleans up, and fails on any problem.
     async fn finish(
-        mut self,
+        self,
         scenario: &str,
         store_name: &str,
         store: &dyn Store,
@@ -111,13 +111,30 @@ impl Rig {
         recovery_ready: Vec<f64>,
         recovery_reply: Vec<f64>,
     ) -> Report {
+        self.finish_within(scenario, store_name, store, driving, recovery_ready, recovery_reply, Duration::from_secs(180))
+            .await
+    }
+
+    /// [`Rig::finish`], waiting up to `event_limit` for the events to cover the version log.
+    #[allow(clippy::too_many_arguments)]
+    async fn finish_within(
+        mut self,
+        scenario: &str,
+        store_name: &str,
+        store: &dyn Store,
+        driving: tokio::task::JoinHandle<(Driven, AmqpClient)>,
+        recovery_ready: Vec<f64>,
+        recovery_reply: Vec<f64>,
+        event_limit: Duration,
+    ) -> Report {
         let (driven, client) = driving.await.expect("the workload ran");
-        let mut report = check(scenario, store_name, store, &driven, &self.collected, Duration::from_secs(180)).await;
+        let mut report = check(scenario, store_name, store, &driven, &self.collected, event_limit).await;
         report.recovery_ready_s = recovery_ready;
         report.recovery_reply_s = recovery_reply;
         if let Ok(Some(status)) = self.bridge.child.try_wait() {
             report.problems.push(format!("the bridge exited by itself ({status})"));
         }
+        report.refused_event_publishes = self.bridge.log_text().matches("did not accept the message").count() as u64;
         report.print();
         if !report.problems.is_empty() {
             let log = self.bridge.log_text();
@@ -246,8 +263,8 @@ async fn postgres_restart_immediate() {
 
 // --- A slow consumer of events -------------------------------------------------------------------
 
-/// The only consumer of the events takes 5 ms a message and its queue holds at most 20, refusing
-/// more (reject-publish): the publisher's publishes are nacked again and again and it must back off
+/// The only consumer of the events takes 20 ms a message and its queue holds at most 50, refusing
+/// more (reject-publish): the publisher's publishes are nacked again and again, and it must back off
 /// and publish again, losing nothing. A private RabbitMQ node, so that the nacks reach no other
 /// bridge on the shared broker's event exchanges.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -255,11 +272,17 @@ async fn slow_event_consumer() {
     let size = Size::from_env();
     let rabbit = PrivateRabbit::start();
     let store = common::TestStore::new(common::Kind::Sqlite).await;
-    let slow = EventConsumer { delay: Some(Duration::from_millis(5)), max_length: Some(20) };
-    let batch = [("FHIRPUBSUB_PubSub__ResourceChangeNotifications__MaxPublishBatchSize", "10")];
+    let slow = EventConsumer { delay: Some(Duration::from_millis(20)), max_length: Some(50) };
+    let batch = [("FHIRPUBSUB_PubSub__ResourceChangeNotifications__MaxPublishBatchSize", "50")];
     let mut rig = Rig::start(&rabbit.url(), rabbit.port, &store.url, &batch, slow).await;
     let driving = rig.drive(size, 4);
-    let report = rig.finish("slow-event-consumer", "sqlite", store.store.as_ref(), driving, vec![], vec![]).await;
+    let limit = Duration::from_secs(if size.long { 1800 } else { 600 });
+    let mut report = rig
+        .finish_within("slow-event-consumer", "sqlite", store.store.as_ref(), driving, vec![], vec![], limit)
+        .await;
+    if report.refused_event_publishes == 0 {
+        report.problems.push("the consumer never pushed back: the scenario proves nothing".into());
+    }
     report.assert_clean();
 }
 

@@ -231,6 +231,9 @@ pub struct Report {
     pub duplicated_events: u64,
     /// Publishes of commands the broker did not confirm (sent again with the same messageId).
     pub resent_publishes: u64,
+    /// Event publishes the broker refused (nacked) and the bridge's publisher retried, from its
+    /// log (the last process's log after a restart).
+    pub refused_event_publishes: u64,
     /// Fault → `/readyz` 200, per fault, in seconds.
     pub recovery_ready_s: Vec<f64>,
     /// Fault end → the next reply, per fault, in seconds.
@@ -247,7 +250,7 @@ impl Report {
             "CHAOS scenario={} store={} commands={} applied={} refused_by_design={} lost={} wrong_outcomes={} \
              disagreeing_replies={} repeated_replies={} store_mismatches={} missing_effects={} duplicated_effects={} \
              committed_changes={} events_missing={} events_out_of_order={} duplicated_events={} resent_publishes={} \
-             recovery_ready_s=[{}] recovery_reply_s=[{}] seconds={:.0}",
+             refused_event_publishes={} recovery_ready_s=[{}] recovery_reply_s=[{}] seconds={:.0}",
             self.scenario,
             self.store,
             self.commands,
@@ -265,6 +268,7 @@ impl Report {
             self.events_out_of_order,
             self.duplicated_events,
             self.resent_publishes,
+            self.refused_event_publishes,
             list(&self.recovery_ready_s),
             list(&self.recovery_reply_s),
             self.seconds
