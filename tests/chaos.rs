@@ -63,7 +63,7 @@ impl Rig {
         let extra_env: Vec<(String, String)> = extra_env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         let collected = Arc::new(Collected::default());
         let (tx, rx) = mpsc::unbounded_channel();
-        let client = AmqpClient::start(amqp_url, &queue, events, collected.clone(), &tag, tx);
+        let client = AmqpClient::start(amqp_url, &queue, events, collected.clone(), &tag, tx).await;
         let bridge = spawn_bridge(store_url, &queue, amqp_port, &extra_env);
         let rig = Rig {
             tag,
@@ -392,4 +392,46 @@ async fn kafka_restart() {
     bridge.terminate();
     client.close();
     report.assert_clean();
+}
+
+/// The fault the disk-full scenario found, on its own: a COMMIT that fails for lack of space (SQLite
+/// then rolls the transaction back by itself) reports the store unavailable, and once there is room
+/// again every later plan commits: no pooled connection is left believing a transaction is open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_commit_on_a_full_disk_leaves_the_store_usable() {
+    use fhir_pubsub::contracts::read::{self, StorePlanMessage};
+    use fhir_pubsub::plan::{PlanLimits, StoreJob, execute_store_plans, validate_store_plan};
+    let Some(disk) = SmallDisk::mount(8) else {
+        eprintln!("skipped: cannot mount a tmpfs here (needs root)");
+        return;
+    };
+    let store = fhir_pubsub::store::open(&format!("sqlite://{}/store.db", disk.path().display())).await.unwrap();
+    let plan = |n: usize| {
+        let body = serde_json::json!({"resourceType": "Patient", "id": format!("p{n}"),
+            "meta": {"versionId": "1", "lastUpdated": "2024-01-01T00:00:00Z"}, "text": "x".repeat(20_000)})
+        .to_string();
+        let text = serde_json::json!({"instructions": [{"itemId": "0", "operation": "create", "resource": body}]});
+        let raw = fhir_pubsub::json::parse_lenient(&text.to_string()).unwrap();
+        let StorePlanMessage::Instructions(list) = read::store_plan(&raw).unwrap() else { panic!("inline plan") };
+        vec![StoreJob { message_id: Some(Uuid::new_v4()), plan: validate_store_plan(list, &PlanLimits::default()) }]
+    };
+    for n in 0..3 {
+        let outcome = execute_store_plans(store.as_ref(), &plan(n)).await.expect("room on the disk");
+        assert!(outcome[0].response.errors.is_empty());
+    }
+    disk.fill();
+    let mut refused = 0;
+    for n in 3..10 {
+        if let Err(e) = execute_store_plans(store.as_ref(), &plan(n)).await {
+            assert!(e.is_unavailable(), "a full disk makes the store unavailable, not {e}");
+            refused += 1;
+        }
+    }
+    assert!(refused > 0, "a full disk refuses commits (the test proves nothing otherwise)");
+    disk.free();
+    for n in 10..40 {
+        let outcome = execute_store_plans(store.as_ref(), &plan(n)).await.expect("room on the disk again");
+        assert!(outcome[0].response.errors.is_empty());
+    }
+    store.close().await;
 }

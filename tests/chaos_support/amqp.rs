@@ -58,8 +58,9 @@ pub struct EventConsumer {
     pub max_length: Option<i32>,
 }
 
-/// Declares the reply endpoint and the event queue (bound to both event exchanges), then consumes
-/// both until the connection fails.
+/// Declares the reply endpoint and the event queue (bound to both event exchanges), says so on
+/// `declared`, then consumes both until the connection fails.
+#[allow(clippy::too_many_arguments)]
 async fn consume_once(
     url: &str,
     reply: &str,
@@ -68,6 +69,7 @@ async fn consume_once(
     collected: &Collected,
     tag: &str,
     first_replies: &mpsc::UnboundedSender<(Uuid, Value)>,
+    declared: &tokio::sync::watch::Sender<bool>,
 ) -> Result<(), lapin::Error> {
     let connection = Connection::connect(url, ConnectionProperties::default()).await?;
     let channel = connection.create_channel().await?;
@@ -107,6 +109,7 @@ async fn consume_once(
     let mut event_messages = event_channel
         .basic_consume(events.into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
         .await?;
+    let _ = declared.send(true);
     let reading_replies = async {
         while let Some(Ok(delivery)) = replies.next().await {
             if let Ok(envelope) = serde_json::from_slice::<Value>(&delivery.data) {
@@ -141,8 +144,9 @@ async fn consume_once(
 }
 
 impl AmqpClient {
-    /// Starts consuming replies and events on `url` (reconnecting until dropped); commands go to `endpoint`.
-    pub fn start(
+    /// Starts consuming replies and events on `url` (reconnecting until dropped) and returns once its
+    /// queues are declared; commands go to `endpoint`.
+    pub async fn start(
         url: &str,
         endpoint: &str,
         options: EventConsumer,
@@ -153,15 +157,19 @@ impl AmqpClient {
         let suffix = Uuid::new_v4().simple();
         let reply = format!("chaos-reply-{suffix}");
         let events = format!("chaos-events-{suffix}");
+        let (declared, mut is_declared) = tokio::sync::watch::channel(false);
         let consumer = {
             let (url, reply, events, tag) = (url.to_owned(), reply.clone(), events.clone(), tag.to_owned());
             tokio::spawn(async move {
                 loop {
-                    let _ = consume_once(&url, &reply, &events, options, &collected, &tag, &first_replies).await;
+                    let _ =
+                        consume_once(&url, &reply, &events, options, &collected, &tag, &first_replies, &declared).await;
                     tokio::time::sleep(Duration::from_millis(300)).await;
                 }
             })
         };
+        // Replies sent before the reply queue exists would be dropped by the broker.
+        let _ = tokio::time::timeout(Duration::from_secs(60), is_declared.wait_for(|d| *d)).await;
         AmqpClient {
             url: url.to_owned(),
             endpoint: endpoint.to_owned(),
