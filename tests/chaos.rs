@@ -111,8 +111,16 @@ impl Rig {
         recovery_ready: Vec<f64>,
         recovery_reply: Vec<f64>,
     ) -> Report {
-        self.finish_within(scenario, store_name, store, driving, recovery_ready, recovery_reply, Duration::from_secs(180))
-            .await
+        self.finish_within(
+            scenario,
+            store_name,
+            store,
+            driving,
+            recovery_ready,
+            recovery_reply,
+            Duration::from_secs(180),
+        )
+        .await
     }
 
     /// [`Rig::finish`], waiting up to `event_limit` for the events to cover the version log.
@@ -277,9 +285,8 @@ async fn slow_event_consumer() {
     let mut rig = Rig::start(&rabbit.url(), rabbit.port, &store.url, &batch, slow).await;
     let driving = rig.drive(size, 4);
     let limit = Duration::from_secs(if size.long { 1800 } else { 600 });
-    let mut report = rig
-        .finish_within("slow-event-consumer", "sqlite", store.store.as_ref(), driving, vec![], vec![], limit)
-        .await;
+    let mut report =
+        rig.finish_within("slow-event-consumer", "sqlite", store.store.as_ref(), driving, vec![], vec![], limit).await;
     if report.refused_event_publishes == 0 {
         report.problems.push("the consumer never pushed back: the scenario proves nothing".into());
     }
@@ -369,10 +376,35 @@ async fn kafka_restart() {
         check("kafka-restart", "postgres", store.store.as_ref(), &driven, &collected, Duration::from_secs(180)).await;
     report.recovery_ready_s = vec![ready];
     report.recovery_reply_s = vec![reply];
+    report.resent_publishes = client.refused.load(std::sync::atomic::Ordering::Relaxed);
     if let Ok(Some(status)) = bridge.child.try_wait() {
         report.problems.push(format!("the bridge exited by itself ({status})"));
     }
     report.print();
+    if report.events_missing > 0 {
+        // Published and lost by the broker, or never published? The outbox, and the topics read again.
+        eprintln!("CHAOS outbox after the run: {:?}", store.store.outbox_state().await);
+        let again = Arc::new(Collected::default());
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let reader = KafkaClient::start(tansu.client_config(), topics.clone(), again.clone(), &tag, tx);
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        let events = again.events();
+        for message_type in [
+            fhir_pubsub::contracts::MessageType::ResourcesChangedEvent,
+            fhir_pubsub::contracts::MessageType::ResourcesChangedLightEvent,
+        ] {
+            let n: usize = events.iter().filter(|m| m.message_type == message_type).map(|m| m.changes.len()).sum();
+            eprintln!(
+                "CHAOS {message_type:?}: a fresh reader of the topic finds {n} changes (committed: {})",
+                report.committed_changes
+            );
+        }
+        reader.close();
+        let log = bridge.log_text();
+        let notable: Vec<&str> =
+            log.lines().filter(|l| l.contains("level=warn") || l.contains("level=error")).take(60).collect();
+        eprintln!("bridge warnings:\n{}", notable.join("\n"));
+    }
     if report.lost > 0 {
         // What the store holds for each lost command: applied or not.
         for command in &driven.lost {

@@ -8,6 +8,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
@@ -57,7 +58,10 @@ impl Topics {
 
 pub struct KafkaClient {
     config: ClientConfig,
-    producer: FutureProducer,
+    producer: Arc<std::sync::Mutex<FutureProducer>>,
+    /// Produce attempts the broker refused (each was produced again).
+    pub refused: Arc<AtomicU64>,
+    producing: Vec<tokio::task::JoinHandle<()>>,
     topics: Topics,
     consumer: tokio::task::JoinHandle<()>,
 }
@@ -133,7 +137,14 @@ impl KafkaClient {
                 }
             }
         });
-        KafkaClient { producer: idempotent(&config), config, topics, consumer: task }
+        KafkaClient {
+            producer: Arc::new(std::sync::Mutex::new(idempotent(&config))),
+            refused: Arc::default(),
+            producing: Vec::new(),
+            config,
+            topics,
+            consumer: task,
+        }
     }
 
     fn reply_address(&self) -> String {
@@ -142,33 +153,59 @@ impl KafkaClient {
 
     pub fn close(self) {
         self.consumer.abort();
+        for task in self.producing {
+            task.abort();
+        }
+    }
+}
+
+/// Produces one command until the broker acknowledges it, taking a new producer after a failure.
+async fn produce(
+    producer: Arc<std::sync::Mutex<FutureProducer>>,
+    config: ClientConfig,
+    topic: String,
+    body: String,
+    id: String,
+    address: String,
+    refused: Arc<AtomicU64>,
+) {
+    loop {
+        let mut headers = OwnedHeaders::new();
+        for (k, v) in
+            [("MessageId", id.as_str()), ("RequestId", &id), ("fhir-release", "R4"), ("ResponseAddress", &address)]
+        {
+            headers = headers.insert(Header { key: k, value: Some(v) });
+        }
+        let record = FutureRecord::<str, str>::to(&topic).payload(&body).headers(headers);
+        let current = producer.lock().unwrap().clone();
+        match current.send(record, Duration::from_secs(30)).await {
+            Ok(_) => return,
+            Err(_) => {
+                refused.fetch_add(1, Ordering::Relaxed);
+                // The broker may come back behind the producer's sequence: a new producer.
+                *producer.lock().unwrap() = idempotent(&config);
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
     }
 }
 
 #[async_trait::async_trait]
 impl CommandSender for KafkaClient {
+    /// Hands the command to a task that produces it until acknowledged (so commands are produced
+    /// concurrently, as a client with many requests in flight does); refusals are counted there.
     async fn send(&mut self, command: &Command) -> u32 {
-        let body = command.message.to_string();
-        let id = command.id.to_string();
-        let address = self.reply_address();
-        let mut refused = 0;
-        loop {
-            let mut headers = OwnedHeaders::new();
-            for (k, v) in
-                [("MessageId", id.as_str()), ("RequestId", &id), ("fhir-release", "R4"), ("ResponseAddress", &address)]
-            {
-                headers = headers.insert(Header { key: k, value: Some(v) });
-            }
-            let record = FutureRecord::<str, str>::to(&self.topics.store).payload(&body).headers(headers);
-            match self.producer.send(record, Duration::from_secs(30)).await {
-                Ok(_) => return refused,
-                Err(_) => {
-                    refused += 1;
-                    // The broker may come back behind the producer's sequence: a new producer.
-                    self.producer = idempotent(&self.config);
-                    tokio::time::sleep(Duration::from_millis(250)).await;
-                }
-            }
-        }
+        let task = tokio::spawn(produce(
+            self.producer.clone(),
+            self.config.clone(),
+            self.topics.store.clone(),
+            command.message.to_string(),
+            command.id.to_string(),
+            self.reply_address(),
+            self.refused.clone(),
+        ));
+        self.producing.push(task);
+        self.producing.retain(|t| !t.is_finished());
+        0
     }
 }
