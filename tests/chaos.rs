@@ -329,10 +329,11 @@ async fn sqlite_disk_full() {
 /// A tansu broker keeping its data in an S3 emulator, killed at a third of the run and started again
 /// 2 s later on the same port and data; the bridge (BrokerType Kafka) carries on by itself.
 // Run by `scripts/chaos` (and by hand, `cargo test --test chaos -- --ignored`), not by `cargo test`: run
-// alongside the other scenarios, it once ended with the 32 commands in flight at the restart never
-// answered nor applied, and once with 32 committed changes missing from the events; alone it passed
-// every time. Until that is explained it does not gate every change.
-#[ignore = "a run under load lost the commands in flight at the broker restart; cause under investigation"]
+// alongside the other scenarios, the restarted tansu answered DuplicateSequenceNumber to batches the
+// producers re-sent and it had never stored, so commands and replies it had acknowledged were lost
+// (the command topic, read again, lacked them). A broker fault the bridge cannot see; alone the
+// scenario passed every time.
+#[ignore = "under load the restarted tansu acknowledges re-sent batches it never stored (DuplicateSequenceNumber)"]
 #[cfg(feature = "kafka")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kafka_restart() {
