@@ -60,6 +60,7 @@ impl SqliteStore {
             .idle_timeout(if in_memory { None } else { Some(Duration::from_secs(600)) })
             .max_lifetime(if in_memory { None } else { Some(Duration::from_secs(1800)) })
             .acquire_timeout(Duration::from_secs(30))
+            .after_release(|conn, _| Box::pin(async move { still_usable(conn).await }))
             .connect_with(options)
             .await
             .map_err(classify)?;
@@ -71,6 +72,18 @@ impl SqliteStore {
     pub fn pool(&self) -> &SqlitePool {
         &self.pool
     }
+}
+
+/// Whether a connection going back to the pool can be used again: not when a transaction is still
+/// open on it. A COMMIT that fails for lack of disk space (SQLITE_FULL, SQLITE_IOERR) makes SQLite
+/// roll the transaction back by itself; the ROLLBACK sqlx then queues fails ("no transaction is
+/// active"), and sqlx still counts the transaction as open, so every later `BEGIN IMMEDIATE` on that
+/// connection would fail for good. Such a connection is closed instead (the pool opens a fresh one).
+/// The ping first runs the rollback sqlx queued when the transaction was dropped.
+async fn still_usable(conn: &mut SqliteConnection) -> Result<bool, sqlx::Error> {
+    use sqlx::Connection;
+    conn.ping().await?;
+    Ok(!conn.is_in_transaction())
 }
 
 /// How long a publisher lease lasts without renewal: a killed leader is replaced after at most this.

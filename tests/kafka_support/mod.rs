@@ -128,8 +128,14 @@ impl Tansu {
                 command.args(["--storage-engine", "sqlite://tansu.db"]).current_dir(dir.path());
             }
         }
-        let child =
-            command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("tansu starts");
+        // FHIR_PUBSUB_TANSU_LOG names a file that collects the broker's output (appended across restarts).
+        let log = std::env::var_os("FHIR_PUBSUB_TANSU_LOG")
+            .and_then(|path| std::fs::OpenOptions::new().create(true).append(true).open(path).ok());
+        let (out, err) = match log.and_then(|f| f.try_clone().ok().map(|g| (f, g))) {
+            Some((f, g)) => (Stdio::from(f), Stdio::from(g)),
+            None => (Stdio::null(), Stdio::null()),
+        };
+        let child = command.stdin(Stdio::null()).stdout(out).stderr(err).spawn().expect("tansu starts");
         self.child = Some(child);
         for _ in 0..200 {
             if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
