@@ -230,7 +230,9 @@ async fn connect_transport(settings: &Settings) -> anyhow::Result<Arc<dyn Transp
         }
         #[allow(unreachable_patterns)]
         other => {
-            anyhow::bail!("PubSub.MessageBroker.BrokerType {other:?} is not supported by this build (a cargo feature is off)")
+            anyhow::bail!(
+                "PubSub.MessageBroker.BrokerType {other:?} is not supported by this build (a cargo feature is off)"
+            )
         }
     }
 }
