@@ -113,9 +113,9 @@ enum Failure {
 /// export, so their rendering is what can be inspected.
 fn failure_of(error: &(impl std::fmt::Debug + std::fmt::Display)) -> Failure {
     let text = format!("{error:?} {error}").to_ascii_lowercase();
-    if text.contains("notfound") || text.contains("not-found") || text.contains("not found") {
+    if ["notfound", "not-found", "not found", "could not be found"].iter().any(|p| text.contains(p)) {
         Failure::NotFound
-    } else if text.contains("unauthorized") || text.contains("sasl") || text.contains("credential") {
+    } else if ["unauthorized", "sasl", "credential"].iter().any(|p| text.contains(p)) {
         Failure::Unauthorized
     } else {
         Failure::Other
