@@ -102,6 +102,17 @@ struct Running {
 
 async fn start_with(bus: TestServiceBus, kind: common::Kind, options: ServiceBusOptions) -> Running {
     let store = common::TestStore::new(kind).await;
+    let bridge_store = store.store.clone();
+    start_on(bus, store, bridge_store, options).await
+}
+
+/// A bridge on `bridge_store` (the test store itself, or the same database reached another way).
+async fn start_on(
+    bus: TestServiceBus,
+    store: common::TestStore,
+    bridge_store: Arc<dyn fhir_pubsub::store::Store>,
+    options: ServiceBusOptions,
+) -> Running {
     let transport = Arc::new(ServiceBusTransport::connect(options).await.expect("the bridge connects to Service Bus"));
     let dyn_transport: Arc<dyn Transport> = transport.clone();
     let events = ResourceChangeNotificationSettings {
@@ -109,9 +120,9 @@ async fn start_with(bus: TestServiceBus, kind: common::Kind, options: ServiceBus
         send_light_events: true,
         ..ResourceChangeNotificationSettings::default()
     };
-    let publisher = Arc::new(Publisher::new(store.store.clone(), dyn_transport.clone(), events));
+    let publisher = Arc::new(Publisher::new(bridge_store.clone(), dyn_transport.clone(), events));
     let bridge = Arc::new(
-        Bridge::new(store.store.clone(), dyn_transport, BridgeOptions::default()).with_changes_waker(publisher.waker()),
+        Bridge::new(bridge_store, dyn_transport, BridgeOptions::default()).with_changes_waker(publisher.waker()),
     );
     let (stop, stopped) = watch::channel(false);
     let publisher_stopped = stopped.clone();
@@ -590,4 +601,159 @@ async fn missing_entities_are_named_at_start_and_a_wrong_key_is_refused() {
         .expect("with every entity and the right key it starts")
         .close()
         .await;
+}
+
+/// Run by hand for now (`cargo test --test bridge_servicebus -- --ignored`): after the test double
+/// cuts every connection, azservicebus 0.25's own recovery panicked inside the client (a finished
+/// future polled again); the transport now contains that and reconnects with a new client, but
+/// this test has not yet been seen to pass: the commands after the cut were not all answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "the bridge does not yet get every command answered after a Service Bus connection cut"]
+async fn a_broker_restart_mid_stream_loses_no_command_and_applies_none_twice() {
+    const COMMANDS: usize = 300;
+    let bus = TestServiceBus::start().await;
+    declare_entities(&bus, false);
+    // The commands wait in the queue before the bridge starts, so the restart meets a stream of them.
+    let address = format!("sb://{}/{REPLIES}", bus.namespace_host());
+    let mut client = client(&bus).await;
+    let mut sender = client.create_sender(QUEUE, ServiceBusSenderOptions::default()).await.unwrap();
+    let mut expected = std::collections::HashSet::new();
+    let mut messages = Vec::new();
+    for i in 0..COMMANDS {
+        let request_id = Uuid::new_v4();
+        let envelope = json!({"messageId": Uuid::new_v4(), "requestId": request_id, "messageType": [STORE_URN],
+            "responseAddress": address,
+            "message": {"instructions": [{"itemId": "0", "operation": "create", "resource": patient(&format!("r{i}"), "1")}]}});
+        messages.push(ServiceBusMessage::new(envelope.to_string().into_bytes()));
+        expected.insert(request_id.to_string());
+    }
+    // One batch: the test double stalls a second transfer on a client's sender link (its limit,
+    // reported; the bridge's own senders are not affected).
+    sender.send_messages(messages).await.expect("the batch is accepted");
+    let _ = sender.dispose().await;
+    let _ = client.dispose().await;
+    let options = options(&bus);
+    let run = start_with(bus, common::Kind::Postgres, options).await;
+    // Restart while commands are in flight: once a quarter of them are answered.
+    loop {
+        let answered = run.bus.active_messages(REPLIES).len();
+        if answered >= COMMANDS / 4 {
+            assert!(answered < COMMANDS, "all commands were answered before the restart; the test proves nothing");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    run.bus.restart();
+
+    let mut replies: std::collections::HashMap<String, Vec<Value>> = std::collections::HashMap::new();
+    for _ in 0..2400 {
+        replies.clear();
+        for message in run.bus.active_messages(REPLIES) {
+            let envelope: Value = serde_json::from_slice(&message.body).unwrap();
+            replies
+                .entry(envelope["requestId"].as_str().unwrap_or_default().to_owned())
+                .or_default()
+                .push(envelope["message"].clone());
+        }
+        if replies.len() == COMMANDS {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(replies.len(), COMMANDS, "every command answered");
+    for (request, answers) in &replies {
+        assert!(expected.contains(request));
+        assert!(answers.iter().all(|a| *a == json!({"errors": []})), "{request}: {answers:?}");
+    }
+    wait_until_empty(&run.bus, QUEUE).await;
+    assert!(run.bus.dead_letters(QUEUE).is_empty(), "nothing dead-lettered");
+    let (store, _bus) = run.stop().await;
+    assert_eq!(store.version_log().await.unwrap().len(), COMMANDS, "each command applied exactly once");
+    let repeats: usize = replies.values().map(|a| a.len() - 1).sum();
+    eprintln!("{COMMANDS} commands, {repeats} repeated replies after the restart");
+}
+
+/// A TCP relay to PostgreSQL that can cut every connection and refuse new ones (a database
+/// outage, as the bridge sees it), then let them in again.
+struct Relay {
+    address: std::net::SocketAddr,
+    open: Arc<std::sync::atomic::AtomicBool>,
+    cuts: Arc<watch::Sender<u64>>,
+}
+
+impl Relay {
+    async fn start(target: std::net::SocketAddr) -> Relay {
+        use std::sync::atomic::Ordering;
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let open = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let cuts = Arc::new(watch::channel(0u64).0);
+        let (is_open, generation) = (open.clone(), cuts.clone());
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !is_open.load(Ordering::SeqCst) {
+                    let _ = inbound.shutdown().await;
+                    continue;
+                }
+                let mut cut = generation.subscribe();
+                let born = *cut.borrow();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else { return };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut.wait_for(|g| *g != born) => {}
+                    }
+                });
+            }
+        });
+        Relay { address, open, cuts }
+    }
+
+    fn cut(&self) {
+        self.open.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.cuts.send_modify(|g| *g += 1);
+    }
+
+    fn restore(&self) {
+        self.open.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_store_outage_abandons_the_command_and_it_succeeds_when_the_store_is_back() {
+    let bus = TestServiceBus::start().await;
+    declare_entities(&bus, false);
+    let store = common::TestStore::new(common::Kind::Postgres).await;
+    let url = url::Url::parse(&store.url).unwrap();
+    let target = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap_or(5432));
+    let target = tokio::net::lookup_host(target).await.unwrap().next().unwrap();
+    let relay = Relay::start(target).await;
+    let mut relayed = url.clone();
+    relayed.set_host(Some(&relay.address.ip().to_string())).unwrap();
+    relayed.set_port(Some(relay.address.port())).unwrap();
+    let bridge_store = fhir_pubsub::store::open(relayed.as_str()).await.expect("the store through the relay");
+    let options = options(&bus);
+    let mut run = start_on(bus, store, bridge_store, options).await;
+
+    relay.cut();
+    let request = run.store_plan("during-outage").await;
+    // Abandoned at least once: Service Bus counts the deliveries.
+    let mut delivered = 0;
+    for _ in 0..2400 {
+        delivered = run.bus.active_messages(QUEUE).iter().map(|m| m.delivery_count).max().unwrap_or(0);
+        if delivered >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(delivered >= 3, "the command was given back and delivered again while the store was down");
+    assert!(run.bus.active_messages(REPLIES).is_empty(), "no reply while the store is down");
+    relay.restore();
+    let (_, reply) = run.reply_in(REPLIES, request).await;
+    assert_eq!(reply["message"], json!({"errors": []}));
+    wait_until_empty(&run.bus, QUEUE).await;
+    assert!(run.bus.dead_letters(QUEUE).is_empty(), "a transient failure is not dead-lettered");
+    let (store, _bus) = run.stop().await;
+    assert_eq!(store.version_log().await.unwrap().len(), 1, "applied once");
 }

@@ -30,6 +30,8 @@ pub enum Disposition {
 /// A request to the receiver task.
 pub struct Settle {
     pub message: Arc<ServiceBusReceivedMessage>,
+    /// The client generation of the link that received the message.
+    pub generation: u64,
     pub disposition: Disposition,
     pub done: oneshot::Sender<Result<(), String>>,
 }
@@ -41,6 +43,7 @@ const MAX_DESCRIPTION_CHARS: usize = 4_096;
 pub(super) fn delivery(
     inner: Arc<Inner>,
     received: ServiceBusReceivedMessage,
+    generation: u64,
     settle: mpsc::Sender<Settle>,
 ) -> Delivery {
     let redelivered = received.delivery_count().is_some_and(|count| count > 1);
@@ -50,13 +53,14 @@ pub(super) fn delivery(
         body,
         meta,
         redelivered,
-        acker: Box::new(ServiceBusAcker { inner, message: Arc::new(received), settle }),
+        acker: Box::new(ServiceBusAcker { inner, message: Arc::new(received), generation, settle }),
     }
 }
 
 struct ServiceBusAcker {
     inner: Arc<Inner>,
     message: Arc<ServiceBusReceivedMessage>,
+    generation: u64,
     settle: mpsc::Sender<Settle>,
 }
 
@@ -64,7 +68,7 @@ impl ServiceBusAcker {
     async fn settle(&self, disposition: Disposition) -> Result<(), TransportError> {
         let (done, answer) = oneshot::channel();
         let what = format!("{disposition:?}");
-        let request = Settle { message: Arc::clone(&self.message), disposition, done };
+        let request = Settle { message: Arc::clone(&self.message), generation: self.generation, disposition, done };
         let stopped = || {
             TransportError::Unavailable("the Service Bus receiver stopped; the message will be delivered again".into())
         };

@@ -60,6 +60,12 @@ pub use options::{CONSUMED, ServiceBusOptions};
 type Client = ServiceBusClient<BasicRetryPolicy>;
 type SharedSender = Arc<tokio::sync::Mutex<ServiceBusSender>>;
 
+/// The client and how many times it was replaced: links of an older generation are not used.
+struct Connection {
+    client: Client,
+    generation: u64,
+}
+
 /// How long opening the connection (TLS, SASL, the `$cbs` token) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long attaching a link to an entity may take.
@@ -87,9 +93,10 @@ impl std::fmt::Debug for ServiceBusTransport {
 /// State shared by the transport, its receiver task and the acknowledgement handles.
 pub(crate) struct Inner {
     options: ServiceBusOptions,
-    client: tokio::sync::Mutex<Client>,
+    /// The client (its AMQP connection), replaced by a new one after a failure.
+    client: tokio::sync::Mutex<Connection>,
     /// One sender per entity, by lower-cased entity path (Service Bus names ignore case).
-    senders: tokio::sync::Mutex<HashMap<String, SharedSender>>,
+    senders: tokio::sync::Mutex<HashMap<String, (SharedSender, u64)>>,
     input_address: String,
     connected: AtomicBool,
     tasks: Mutex<Vec<JoinHandle<()>>>,
@@ -129,77 +136,12 @@ impl ServiceBusTransport {
     /// Fails with [`TransportError::Refused`] when an entity is missing or the credential is
     /// refused, and with [`TransportError::Unavailable`] when Service Bus does not answer.
     pub async fn connect(options: ServiceBusOptions) -> Result<Self, TransportError> {
-        let client_options = ServiceBusClientOptions {
-            retry_options: ServiceBusRetryOptions {
-                max_retries: 3,
-                try_timeout: Duration::from_secs(30),
-                ..ServiceBusRetryOptions::default()
-            },
-            ..ServiceBusClientOptions::default()
-        };
-        let namespace = options.connection.namespace.clone();
-        let default_port = if options.plain_amqp() { 5672 } else { 5671 };
-        // azservicebus drops the port of a connection string's Endpoint; given as `host:port` to
-        // the credential constructors it is kept (an emulator published on another port).
-        let address = match options.connection.port.filter(|p| *p != default_port) {
-            Some(port) => Some(format!("{namespace}:{port}")),
-            None => None,
-        };
-        let connecting = async {
-            match (&address, &options.connection.credential, options.plain_amqp()) {
-                (None, _, false) => {
-                    Client::new_from_connection_string(options.connection_string.as_str(), client_options).await
-                }
-                (None, _, true) => {
-                    Client::unsecured()
-                        .new_from_connection_string(options.connection_string.as_str(), client_options)
-                        .await
-                }
-                (Some(address), ServiceBusCredential::Key { name, key }, plain) => {
-                    let credential = AzureNamedKeyCredential::new(name, key);
-                    if plain {
-                        Client::unsecured().new_from_named_key_credential(address, credential, client_options).await
-                    } else {
-                        Client::new_from_named_key_credential(address, credential, client_options).await
-                    }
-                }
-                (Some(address), ServiceBusCredential::Signature(signature), plain) => {
-                    let credential = AzureSasCredential::new(signature);
-                    if plain {
-                        Client::unsecured().new_from_sas_credential(address, credential, client_options).await
-                    } else {
-                        Client::new_from_sas_credential(address, credential, client_options).await
-                    }
-                }
-            }
-        };
-        let port = address.as_ref().and(options.connection.port).unwrap_or(default_port);
-        let client = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
-            Ok(Ok(client)) => client,
-            Ok(Err(e)) => {
-                let message = format!(
-                    "cannot connect to the Service Bus namespace {namespace} ({} on port {port}): {e}",
-                    if options.plain_amqp() { "plain AMQP" } else { "AMQP over TLS" }
-                );
-                return Err(match failure_of(&e) {
-                    Failure::Unauthorized => TransportError::Refused(format!(
-                        "{message}; check SharedAccessKeyName and SharedAccessKey in PubSub.MessageBroker.Host"
-                    )),
-                    _ => TransportError::Unavailable(message),
-                });
-            }
-            Err(_) => {
-                return Err(TransportError::Unavailable(format!(
-                    "the Service Bus namespace {namespace} did not answer within {}s",
-                    CONNECT_TIMEOUT.as_secs()
-                )));
-            }
-        };
+        let client = new_client(&options).await?;
         let (shutdown, _) = watch::channel(false);
         let inner = Arc::new(Inner {
             input_address: options.input_address(),
             options,
-            client: tokio::sync::Mutex::new(client),
+            client: tokio::sync::Mutex::new(Connection { client, generation: 0 }),
             senders: tokio::sync::Mutex::new(HashMap::new()),
             connected: AtomicBool::new(true),
             tasks: Mutex::new(Vec::new()),
@@ -226,13 +168,13 @@ impl Transport for ServiceBusTransport {
     async fn start(&self) -> Result<mpsc::Receiver<Delivery>, TransportError> {
         let prefetch = self.inner.options.prefetch;
         let queue = self.inner.options.queue();
-        let receiver = self.inner.open_receiver(&queue, prefetch).await?;
+        let link = self.inner.open_receiver(&queue, prefetch).await?;
         let capacity = usize::try_from(prefetch).unwrap_or(usize::MAX).max(1);
         let (tx, rx) = mpsc::channel(capacity);
         let (settle_tx, settle_rx) = mpsc::channel(capacity.saturating_mul(2).max(16));
         let task = tokio::spawn(receive_loop(
             Arc::clone(&self.inner),
-            receiver,
+            link,
             tx,
             settle_tx,
             settle_rx,
@@ -274,7 +216,8 @@ impl Transport for ServiceBusTransport {
         for task in tasks {
             let _ = tokio::time::timeout(CLOSE_TIMEOUT * 2, task).await;
         }
-        let senders: Vec<SharedSender> = self.inner.senders.lock().await.drain().map(|(_, s)| s).collect();
+        let senders: Vec<SharedSender> =
+            self.inner.senders.lock().await.drain().map(|(_, (sender, _))| sender).collect();
         for sender in senders {
             if let Ok(sender) = Arc::try_unwrap(sender) {
                 let _ = tokio::time::timeout(CLOSE_TIMEOUT, sender.into_inner().dispose()).await;
@@ -282,6 +225,69 @@ impl Transport for ServiceBusTransport {
         }
         // The client is disposed when the transport is dropped; closing its connection here
         // would make a later send fail with "disposed" instead of a clear error.
+    }
+}
+
+/// Opens a client (one AMQP connection) to the namespace.
+async fn new_client(options: &ServiceBusOptions) -> Result<Client, TransportError> {
+    let client_options = ServiceBusClientOptions {
+        retry_options: ServiceBusRetryOptions {
+            max_retries: 3,
+            try_timeout: Duration::from_secs(30),
+            ..ServiceBusRetryOptions::default()
+        },
+        ..ServiceBusClientOptions::default()
+    };
+    let namespace = options.connection.namespace.clone();
+    let default_port = if options.plain_amqp() { 5672 } else { 5671 };
+    // azservicebus drops the port of a connection string's Endpoint; given as `host:port` to
+    // the credential constructors it is kept (an emulator published on another port).
+    let address = options.connection.port.filter(|p| *p != default_port).map(|port| format!("{namespace}:{port}"));
+    let connecting = async {
+        match (&address, &options.connection.credential, options.plain_amqp()) {
+            (None, _, false) => {
+                Client::new_from_connection_string(options.connection_string.as_str(), client_options).await
+            }
+            (None, _, true) => {
+                Client::unsecured().new_from_connection_string(options.connection_string.as_str(), client_options).await
+            }
+            (Some(address), ServiceBusCredential::Key { name, key }, plain) => {
+                let credential = AzureNamedKeyCredential::new(name, key);
+                if plain {
+                    Client::unsecured().new_from_named_key_credential(address, credential, client_options).await
+                } else {
+                    Client::new_from_named_key_credential(address, credential, client_options).await
+                }
+            }
+            (Some(address), ServiceBusCredential::Signature(signature), plain) => {
+                let credential = AzureSasCredential::new(signature);
+                if plain {
+                    Client::unsecured().new_from_sas_credential(address, credential, client_options).await
+                } else {
+                    Client::new_from_sas_credential(address, credential, client_options).await
+                }
+            }
+        }
+    };
+    let port = address.as_ref().and(options.connection.port).unwrap_or(default_port);
+    match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+        Ok(Ok(client)) => Ok(client),
+        Ok(Err(e)) => {
+            let message = format!(
+                "cannot connect to the Service Bus namespace {namespace} ({} on port {port}): {e}",
+                if options.plain_amqp() { "plain AMQP" } else { "AMQP over TLS" }
+            );
+            Err(match failure_of(&e) {
+                Failure::Unauthorized => TransportError::Refused(format!(
+                    "{message}; check SharedAccessKeyName and SharedAccessKey in PubSub.MessageBroker.Host"
+                )),
+                _ => TransportError::Unavailable(message),
+            })
+        }
+        Err(_) => Err(TransportError::Unavailable(format!(
+            "the Service Bus namespace {namespace} did not answer within {}s",
+            CONNECT_TIMEOUT.as_secs()
+        ))),
     }
 }
 
@@ -300,25 +306,29 @@ pub fn entity_of(address: &str) -> Result<String, TransportError> {
 }
 
 impl Inner {
-    /// Attaches a peek-lock receiver to `queue`. With `prefetch` 0 no message is requested, which
-    /// is how the start-up check looks at the queue without locking anything.
-    async fn open_receiver(&self, queue: &str, prefetch: u32) -> Result<ServiceBusReceiver, TransportError> {
+    /// Attaches a peek-lock receiver to `queue`, and says on which client generation. With
+    /// `prefetch` 0 no message is requested, which is how the start-up check looks at the queue
+    /// without locking anything.
+    async fn open_receiver(&self, queue: &str, prefetch: u32) -> Result<(ServiceBusReceiver, u64), TransportError> {
         let options = ServiceBusReceiverOptions {
             prefetch_count: prefetch,
             receive_mode: ServiceBusReceiveMode::PeekLock,
             ..ServiceBusReceiverOptions::default()
         };
-        let mut client = self.client.lock().await;
-        match tokio::time::timeout(ATTACH_TIMEOUT, client.create_receiver_for_queue(queue, options)).await {
-            Ok(Ok(receiver)) => Ok(receiver),
-            Ok(Err(e)) if failure_of(&e) == Failure::NotFound => {
+        let mut connection = self.client.lock().await;
+        let generation = connection.generation;
+        let attach = contained(connection.client.create_receiver_for_queue(queue, options));
+        match tokio::time::timeout(ATTACH_TIMEOUT, attach).await {
+            Ok(Ok(Ok(receiver))) => Ok((receiver, generation)),
+            Ok(Ok(Err(e))) if failure_of(&e) == Failure::NotFound => {
                 Err(TransportError::Refused(self.missing_message(&[("queue", queue.to_owned())])))
             }
-            Ok(Err(e)) if failure_of(&e) == Failure::Unauthorized => Err(TransportError::Refused(format!(
+            Ok(Ok(Err(e))) if failure_of(&e) == Failure::Unauthorized => Err(TransportError::Refused(format!(
                 "Service Bus refused access to queue `{queue}`: {e}; check SharedAccessKeyName and SharedAccessKey \
                  in PubSub.MessageBroker.Host"
             ))),
-            Ok(Err(e)) => Err(TransportError::Unavailable(format!("cannot receive from queue `{queue}`: {e}"))),
+            Ok(Ok(Err(e))) => Err(TransportError::Unavailable(format!("cannot receive from queue `{queue}`: {e}"))),
+            Ok(Err(panic)) => Err(TransportError::Unavailable(format!("cannot receive from queue `{queue}`: {panic}"))),
             Err(_) => Err(TransportError::Unavailable(format!(
                 "attaching to queue `{queue}` took more than {}s",
                 ATTACH_TIMEOUT.as_secs()
@@ -326,18 +336,34 @@ impl Inner {
         }
     }
 
-    /// The sender for an entity, attached on first use.
-    async fn sender(&self, entity: &str) -> Result<SharedSender, TransportError> {
+    /// Replaces the client of `generation` by a new one (a new connection), unless another task did
+    /// already. Every sender is dropped; links of the old client are no longer used.
+    async fn reconnect(&self, generation: u64) -> Result<(), TransportError> {
+        let mut connection = self.client.lock().await;
+        if connection.generation != generation {
+            return Ok(());
+        }
+        let client = new_client(&self.options).await?;
+        connection.client = client;
+        connection.generation += 1;
+        self.senders.lock().await.clear();
+        tracing::info!(generation = connection.generation, "reconnected to Azure Service Bus");
+        Ok(())
+    }
+
+    /// The sender for an entity, attached on first use, and its client generation.
+    async fn sender(&self, entity: &str) -> Result<(SharedSender, u64), TransportError> {
         let key = entity.to_lowercase();
         let mut senders = self.senders.lock().await;
-        if let Some(sender) = senders.get(&key) {
-            return Ok(Arc::clone(sender));
+        if let Some((sender, generation)) = senders.get(&key) {
+            return Ok((Arc::clone(sender), *generation));
         }
-        let mut client = self.client.lock().await;
-        let attach = client.create_sender(entity, ServiceBusSenderOptions::default());
+        let mut connection = self.client.lock().await;
+        let generation = connection.generation;
+        let attach = contained(connection.client.create_sender(entity, ServiceBusSenderOptions::default()));
         let sender = match tokio::time::timeout(ATTACH_TIMEOUT, attach).await {
-            Ok(Ok(sender)) => Arc::new(tokio::sync::Mutex::new(sender)),
-            Ok(Err(e)) => {
+            Ok(Ok(Ok(sender))) => Arc::new(tokio::sync::Mutex::new(sender)),
+            Ok(Ok(Err(e))) => {
                 return Err(match failure_of(&e) {
                     Failure::NotFound => {
                         TransportError::Refused(format!("the Service Bus entity `{entity}` does not exist"))
@@ -348,6 +374,7 @@ impl Inner {
                     Failure::Other => TransportError::Unavailable(format!("cannot send to `{entity}`: {e}")),
                 });
             }
+            Ok(Err(panic)) => return Err(TransportError::Unavailable(format!("cannot send to `{entity}`: {panic}"))),
             Err(_) => {
                 return Err(TransportError::Unavailable(format!(
                     "attaching to `{entity}` took more than {}s",
@@ -355,36 +382,49 @@ impl Inner {
                 )));
             }
         };
-        senders.insert(key, Arc::clone(&sender));
-        Ok(sender)
+        senders.insert(key, (Arc::clone(&sender), generation));
+        Ok((sender, generation))
     }
 
-    /// Sends one message to an entity and waits until Service Bus accepted it.
+    /// Sends one message to an entity and waits until Service Bus accepted it. A failure other than
+    /// a missing entity replaces the client (and so the connection) for the next attempt.
     async fn send_to(&self, entity: &str, message: ServiceBusMessage) -> Result<(), TransportError> {
-        let sender = self.sender(entity).await?;
-        let mut sender = sender.lock().await;
-        match tokio::time::timeout(SEND_TIMEOUT, sender.send_message(message)).await {
-            Ok(Ok(())) => {
+        let (sender, generation) = match self.sender(entity).await {
+            Ok(found) => found,
+            Err(e @ TransportError::Unavailable(_)) => {
+                let generation = self.client.lock().await.generation;
+                self.replace_client(generation).await;
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+        };
+        let mut link = sender.lock().await;
+        let outcome = tokio::time::timeout(SEND_TIMEOUT, contained(link.send_message(message))).await;
+        drop(link);
+        let error = match outcome {
+            Ok(Ok(Ok(()))) => {
                 self.connected.store(true, Ordering::Relaxed);
-                Ok(())
+                return Ok(());
             }
-            Ok(Err(e)) => {
-                drop(sender);
-                // A sender whose link failed is attached again on the next send.
+            Ok(Ok(Err(e))) if failure_of(&e) == Failure::NotFound => {
                 self.senders.lock().await.remove(&entity.to_lowercase());
-                match failure_of(&e) {
-                    Failure::NotFound => {
-                        Err(TransportError::Refused(format!("the Service Bus entity `{entity}` does not exist")))
-                    }
-                    _ => Err(TransportError::Unavailable(format!(
-                        "Service Bus did not accept the message for `{entity}`: {e}"
-                    ))),
-                }
+                return Err(TransportError::Refused(format!("the Service Bus entity `{entity}` does not exist")));
             }
-            Err(_) => Err(TransportError::Unavailable(format!(
-                "Service Bus did not accept the message for `{entity}` within {}s",
-                SEND_TIMEOUT.as_secs()
-            ))),
+            Ok(Ok(Err(e))) => format!("Service Bus did not accept the message for `{entity}`: {e}"),
+            Ok(Err(panic)) => format!("sending to `{entity}` failed: {panic}"),
+            Err(_) => {
+                format!("Service Bus did not accept the message for `{entity}` within {}s", SEND_TIMEOUT.as_secs())
+            }
+        };
+        self.connected.store(false, Ordering::Relaxed);
+        self.replace_client(generation).await;
+        Err(TransportError::Unavailable(error))
+    }
+
+    /// [`Inner::reconnect`], logging a failure (the next operation tries again).
+    async fn replace_client(&self, generation: u64) {
+        if let Err(e) = self.reconnect(generation).await {
+            tracing::warn!(error = %e, "reconnecting to Azure Service Bus failed; the next operation tries again");
         }
     }
 
@@ -394,8 +434,8 @@ impl Inner {
         let mut missing: Vec<(&'static str, String)> = Vec::new();
         let queue = options.queue();
         match self.open_receiver(&queue, 0).await {
-            Ok(receiver) => {
-                let _ = tokio::time::timeout(CLOSE_TIMEOUT, receiver.dispose()).await;
+            Ok((receiver, _)) => {
+                let _ = tokio::time::timeout(CLOSE_TIMEOUT, contained(receiver.dispose())).await;
             }
             Err(TransportError::Refused(e)) if e.contains("lacks") => missing.push(("queue", queue)),
             Err(e) => return Err(e),
@@ -420,7 +460,7 @@ impl Inner {
         // The command topics' senders were only a check: the bridge never sends to them.
         let mut senders = self.senders.lock().await;
         for topic in options.command_topics() {
-            if let Some(sender) = senders.remove(&topic.to_lowercase())
+            if let Some((sender, _)) = senders.remove(&topic.to_lowercase())
                 && let Ok(sender) = Arc::try_unwrap(sender)
             {
                 let _ = tokio::time::timeout(CLOSE_TIMEOUT, sender.into_inner().dispose()).await;
@@ -472,23 +512,51 @@ impl Inner {
 /// Receives commands and settles them, until shutdown. Settle requests are served between
 /// receives, which wait at most [`POLL_WAIT`]; a message is only taken when the bridge's channel
 /// has room, so a full channel never stops settlements (which free it).
+///
+/// When receiving fails (the connection is lost and azservicebus could not recover it), the
+/// receiver is dropped and a new client and receiver are made, with a pause between attempts.
+/// Messages received on the lost link can no longer be settled: their settle requests fail, and
+/// Service Bus delivers them again when their locks expire.
 async fn receive_loop(
     inner: Arc<Inner>,
-    mut receiver: ServiceBusReceiver,
+    link: (ServiceBusReceiver, u64),
     tx: mpsc::Sender<Delivery>,
     settle_tx: mpsc::Sender<acker::Settle>,
     mut settle_rx: mpsc::Receiver<acker::Settle>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let queue = inner.options.queue();
+    let (mut receiver, mut generation) = (Some(link.0), link.1);
     loop {
+        let Some(current) = receiver.as_mut() else {
+            // Answer what waits (it cannot be settled any more), then make a new receiver.
+            while let Ok(request) = settle_rx.try_recv() {
+                let _ = request.done.send(Err("the link that received the message was lost".into()));
+            }
+            tokio::select! {
+                () = stopped(&mut shutdown) => break,
+                () = tokio::time::sleep(RECEIVE_ERROR_PAUSE) => {}
+            }
+            inner.replace_client(generation).await;
+            match inner.open_receiver(&queue, inner.options.prefetch).await {
+                Ok((fresh, fresh_generation)) => {
+                    receiver = Some(fresh);
+                    generation = fresh_generation;
+                    inner.connected.store(true, Ordering::Relaxed);
+                    tracing::info!(queue = %queue, "receiving from Service Bus again");
+                }
+                Err(e) => tracing::warn!(error = %e, queue = %queue, "receiving from Service Bus is still failing"),
+            }
+            continue;
+        };
         while let Ok(request) = settle_rx.try_recv() {
-            settle(&mut receiver, request).await;
+            settle(current, generation, request).await;
         }
         let permit = tokio::select! {
             biased;
             () = stopped(&mut shutdown) => break,
             Some(request) = settle_rx.recv() => {
-                settle(&mut receiver, request).await;
+                settle(current, generation, request).await;
                 continue;
             }
             permit = tx.reserve() => match permit {
@@ -496,49 +564,80 @@ async fn receive_loop(
                 Err(_) => break,
             },
         };
-        match receiver.receive_messages_with_max_wait_time(1, Some(POLL_WAIT)).await {
-            Ok(mut messages) => {
+        let failure = match contained(current.receive_messages_with_max_wait_time(1, Some(POLL_WAIT))).await {
+            Ok(Ok(mut messages)) => {
                 inner.connected.store(true, Ordering::Relaxed);
                 if let Some(received) = messages.pop() {
-                    permit.send(acker::delivery(Arc::clone(&inner), received, settle_tx.clone()));
+                    permit.send(acker::delivery(Arc::clone(&inner), received, generation, settle_tx.clone()));
                 }
+                continue;
             }
-            Err(e) => {
-                drop(permit);
-                inner.connected.store(false, Ordering::Relaxed);
-                tracing::warn!(error = %e, queue = %inner.options.queue(), "receiving from Service Bus failed");
-                tokio::select! {
-                    () = stopped(&mut shutdown) => break,
-                    () = tokio::time::sleep(RECEIVE_ERROR_PAUSE) => {}
-                }
-            }
-        }
+            Ok(Err(e)) => e.to_string(),
+            Err(panic) => panic,
+        };
+        drop(permit);
+        inner.connected.store(false, Ordering::Relaxed);
+        tracing::warn!(error = %failure, queue = %queue, "receiving from Service Bus failed; reconnecting");
+        // Dropped, not disposed: closing a broken link can itself hang or fail.
+        receiver = None;
     }
     // Requests still queued were sent after the bridge stopped waiting for them; answer them so
     // that no handle waits forever (their messages are delivered again when their locks expire).
     settle_rx.close();
     while let Ok(request) = settle_rx.try_recv() {
-        settle(&mut receiver, request).await;
+        match receiver.as_mut() {
+            Some(current) => settle(current, generation, request).await,
+            None => {
+                let _ = request.done.send(Err("the transport is closing".into()));
+            }
+        }
     }
-    let _ = tokio::time::timeout(CLOSE_TIMEOUT, receiver.dispose()).await;
+    if let Some(receiver) = receiver {
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, contained(receiver.dispose())).await;
+    }
 }
 
-/// Settles one message on the receiver's link and answers the handle that asked.
-async fn settle(receiver: &mut ServiceBusReceiver, request: acker::Settle) {
+/// Settles one message on the receiver's link and answers the handle that asked. A message
+/// received on an earlier link (before a reconnect) is not settled on this one.
+async fn settle(receiver: &mut ServiceBusReceiver, generation: u64, request: acker::Settle) {
+    if request.generation != generation {
+        let _ = request.done.send(Err("the link that received the message was lost".into()));
+        return;
+    }
     let message = request.message;
     let outcome = match request.disposition {
-        Disposition::Complete => receiver.complete_message(message.as_ref()).await,
-        Disposition::Abandon => receiver.abandon_message(message.as_ref(), None).await,
+        Disposition::Complete => contained(receiver.complete_message(message.as_ref())).await,
+        Disposition::Abandon => contained(receiver.abandon_message(message.as_ref(), None)).await,
         Disposition::DeadLetter { reason, description } => {
             let options = DeadLetterOptions {
                 dead_letter_reason: Some(reason),
                 dead_letter_error_description: Some(description),
                 properties_to_modify: None,
             };
-            receiver.dead_letter_message(message.as_ref(), options).await
+            contained(receiver.dead_letter_message(message.as_ref(), options)).await
         }
     };
-    let _ = request.done.send(outcome.map_err(|e| e.to_string()));
+    let answer = match outcome {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(panic) => Err(panic),
+    };
+    let _ = request.done.send(answer);
+}
+
+/// Runs an azservicebus operation, turning a panic inside it into an error. azservicebus 0.25
+/// can panic while it recovers a lost connection (it polls a finished future again); the bridge
+/// then replaces the client instead of losing the task that receives or sends.
+async fn contained<T>(operation: impl std::future::Future<Output = T>) -> Result<T, String> {
+    use futures::FutureExt;
+    std::panic::AssertUnwindSafe(operation).catch_unwind().await.map_err(|panic| {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown".to_owned());
+        format!("the Service Bus client failed internally ({what})")
+    })
 }
 
 /// Resolves once shutdown was asked for (or its sender is gone).
