@@ -5,6 +5,7 @@
 //! reply goes back through the transport, and committed changes are published as events.
 
 pub mod bridge;
+pub mod claimcheck;
 #[cfg(feature = "rabbitmq")]
 pub mod client;
 pub mod config;

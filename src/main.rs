@@ -7,6 +7,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use fhir_pubsub::bridge::{Bridge, BridgeOptions};
+use fhir_pubsub::claimcheck::ClaimChecks;
 use fhir_pubsub::client::{self, Exit, ListenOptions, RetrieveOptions, StoreOptions};
 use fhir_pubsub::config::{BrokerType, Scrubber, Settings, redact_url};
 use fhir_pubsub::contracts::Operation;
@@ -255,6 +256,13 @@ async fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("opening the store {}", redact_url(&settings.store.url)))?;
     tracing::info!(store = %redact_url(&settings.store.url), kind = store.kind(), "store ready");
+    let claim_checks = ClaimChecks::from_settings(&settings.pub_sub.claim_check, settings.limits.max_claim_check_bytes)
+        .map_err(anyhow::Error::msg)?
+        .map(Arc::new);
+    match &claim_checks {
+        Some(c) => tracing::info!(storage = c.description(), "claim checks are fetched"),
+        None => tracing::info!("claim checks are disabled (PubSub.ClaimCheck.StorageType)"),
+    }
     let transport = connect_transport(&settings).await?;
     let options = BridgeOptions {
         concurrency: settings.pub_sub.message_broker.concurrency_number as usize,
@@ -285,11 +293,13 @@ async fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
 
     let (stop_publisher, publisher_stopped) = watch::channel(false);
     let publishing = tokio::spawn(publisher.clone().run(publisher_stopped));
-    let bridge = Arc::new(
-        Bridge::new(store.clone(), transport.clone(), options)
-            .with_changes_waker(publisher.waker())
-            .with_status_board(&board),
-    );
+    let mut bridge = Bridge::new(store.clone(), transport.clone(), options)
+        .with_changes_waker(publisher.waker())
+        .with_status_board(&board);
+    if let Some(claim_checks) = claim_checks {
+        bridge = bridge.with_claim_checks(claim_checks);
+    }
+    let bridge = Arc::new(bridge);
     let (stop, stopped) = watch::channel(false);
     let mut running = tokio::spawn(bridge.run(stopped));
     let finish_timeout = Duration::from_secs(settings.shutdown.timeout_seconds);
@@ -393,12 +403,13 @@ async fn check_config(config: Option<PathBuf>) -> anyhow::Result<bool> {
         Err(why) => report_check("broker", Err(why)),
     };
 
-    let claim_check = &settings.pub_sub.claim_check;
-    if claim_check.storage_type != fhir_pubsub::config::ClaimCheckStorage::Disabled {
-        println!(
-            "claim check {}: not tried: this build does not fetch claim checks (such plans are answered BadRequestWrongPayloadFormat)",
-            claim_check.storage_type
-        );
+    match ClaimChecks::from_settings(&settings.pub_sub.claim_check, settings.limits.max_claim_check_bytes) {
+        Ok(Some(claim_checks)) => {
+            let what = format!("claim check {}", claim_checks.description());
+            ok &= report_check(&what, bounded(async { claim_checks.probe().await }).await);
+        }
+        Ok(None) => {}
+        Err(why) => ok &= report_check("claim check", Err(why)),
     }
     Ok(ok)
 }

@@ -404,7 +404,20 @@ fn every_refusal_names_its_key() {
             "PubSub.ClaimCheck.AzureBlobStorageConnectionString",
             "required",
         ),
-        (r#"{"PubSub": {"ClaimCheck": {"StorageType": "S3"}}}"#, "PubSub.ClaimCheck.StorageType", "AzureBlobStorage"),
+        (r#"{"PubSub": {"ClaimCheck": {"StorageType": "Ftp"}}}"#, "PubSub.ClaimCheck.StorageType", "AzureBlobStorage"),
+        (r#"{"PubSub": {"ClaimCheck": {"StorageType": "S3"}}}"#, "PubSub.ClaimCheck.Bucket", "required"),
+        (r#"{"PubSub": {"ClaimCheck": {"StorageType": "LocalFiles"}}}"#, "PubSub.ClaimCheck.Directory", "required"),
+        (
+            r#"{"PubSub": {"ClaimCheck": {"StorageType": "AzureBlobStorage", "AzureBlobStorageConnectionString": "AccountKey=secret"}}}"#,
+            "PubSub.ClaimCheck.AzureBlobStorageConnectionString",
+            "AccountName",
+        ),
+        (
+            r#"{"PubSub": {"ClaimCheck": {"StorageType": "S3", "Bucket": "b", "SecretAccessKey": "secret"}}}"#,
+            "PubSub.ClaimCheck.SecretAccessKey",
+            "AccessKeyId",
+        ),
+        (r#"{"Limits": {"MaxClaimCheckBytes": 0}}"#, "Limits.MaxClaimCheckBytes", "at least 1"),
         (r#"{"PubSub": {"Claimcheck": 3}}"#, "PubSub.ClaimCheck", "section"),
         (r#"{"Store": {"Url": "mysql://u:secret@h/db"}}"#, "Store.Url", "sqlite:// or postgres://"),
         (r#"{"Store": {"Url": "postgres://"}}"#, "Store.Url", "host"),
@@ -483,4 +496,17 @@ fn redaction_hides_every_secret() {
     assert!(!shown.contains(secrets[6]), "{shown}");
     assert!(shown.contains("SharedAccessKeyName=Root"), "{shown}");
     assert!(!format!("{:?}", redact_url(&sb.pub_sub.message_broker.host)).contains(secrets[6]));
+}
+
+#[test]
+fn claim_check_secrets_are_hidden() {
+    let settings = load_text(
+        "s.json",
+        r#"{"PubSub": {"ClaimCheck": {"StorageType": "S3", "Bucket": "plans", "AccessKeyId": "AKIDEXAMPLE",
+            "SecretAccessKey": "s3-secret-8"}}}"#,
+        &[],
+    )
+    .unwrap();
+    assert!(!settings.redacted().to_string().contains("s3-secret-8"));
+    assert!(settings.secrets().contains(&"s3-secret-8".to_owned()));
 }

@@ -13,7 +13,14 @@
 //! in process) and in the metrics of [`crate::observe::metrics`] once its fate is known.
 //!
 //! Ordering: commands are handled concurrently (up to `ConcurrencyNumber`), but two commands that
-//! touch the same resource are applied in the order they arrived ([`KeyOrder`]).
+//! touch the same resource are applied in the order they arrived ([`KeyOrder`]). A claim check,
+//! whose resources are unknown until its blob is read, waits for the commands before it and holds
+//! up the ones after it.
+//!
+//! Claim checks ([`crate::claimcheck`]): a URL outside the configured storage, a missing blob or one
+//! that is no plan is answered like an invalid plan (and recorded in the inbox); a storage outage
+//! gives the command back like a database outage. A redelivered claim check the inbox has answered
+//! is answered from there, without fetching the blob again.
 
 mod group_commit;
 mod order;
@@ -26,6 +33,7 @@ use serde_json::value::RawValue;
 use tokio::sync::{Notify, Semaphore, watch};
 use uuid::Uuid;
 
+use crate::claimcheck::{BlobRef, ClaimCheckError, ClaimChecks};
 use crate::contracts::read::{self, StorePlanMessage};
 use crate::contracts::{ExecuteStorePlanResponse, ItemError, MessageType, StatusDetails};
 use crate::envelope::{self, Envelope};
@@ -65,6 +73,8 @@ pub struct Bridge {
     input_stats: Arc<EndpointStats>,
     /// Store plans handled at the same time commit together.
     group_commit: GroupCommit,
+    /// Where claim-check plans are fetched from; `None`: claim checks are refused.
+    claim_checks: Option<Arc<ClaimChecks>>,
 }
 
 /// What became of one delivery (logged, and used by tests).
@@ -95,7 +105,14 @@ impl Bridge {
             changes_waker: None,
             input_stats: Arc::default(),
             group_commit: GroupCommit::new(transactions),
+            claim_checks: None,
         }
+    }
+
+    /// Fetches claim-check plans from `claim_checks` (without, they are refused).
+    pub fn with_claim_checks(mut self, claim_checks: Arc<ClaimChecks>) -> Self {
+        self.claim_checks = Some(claim_checks);
+        self
     }
 
     /// Reports this bridge's figures on `board`, under the transport's input address.
@@ -126,7 +143,10 @@ impl Bridge {
             // Decode here, in arrival order, so that the resources a command touches are known
             // before it is handed to a task; decoding is cheap next to the SQL it precedes.
             let prepared = self.prepare(&delivery);
-            let (waits, done) = order.enter(prepared.keys());
+            let (waits, done) = match &prepared {
+                Prepared::ClaimCheck(..) => order.enter_exclusive(),
+                _ => order.enter(prepared.keys()),
+            };
             let bridge = self.clone();
             tokio::spawn(async move {
                 for wait in waits {
@@ -193,14 +213,20 @@ impl Bridge {
                         message_id: envelope.message_id,
                         plan: plan::validate_store_plan(list, &self.options.plan_limits),
                     },
-                    Ok(StorePlanMessage::ClaimCheck { .. }) => StoreJob {
-                        message_id: envelope.message_id,
-                        plan: Err(vec![ItemError::new(
-                            None,
-                            StatusDetails::BadRequestWrongPayloadFormat,
-                            "This bridge does not fetch claim-check payloads (PubSub.ClaimCheck); send the instructions inline.",
-                        )]),
-                    },
+                    Ok(StorePlanMessage::ClaimCheck { data_ref }) => {
+                        let resolved = match &self.claim_checks {
+                            Some(claim_checks) => claim_checks.resolve(&data_ref),
+                            None => Err(ClaimCheckError::Disabled),
+                        };
+                        match resolved {
+                            Ok(blob) => return Prepared::ClaimCheck(envelope, ClaimCheck { data_ref, blob }),
+                            Err(refused) => {
+                                metrics::counter!(m::CLAIM_CHECKS, "outcome" => refused.outcome()).increment(1);
+                                tracing::info!(reason = %refused, "claim check refused");
+                                StoreJob { message_id: envelope.message_id, plan: Err(vec![refused.item_error()]) }
+                            }
+                        }
+                    }
                     Err(e) => StoreJob {
                         message_id: envelope.message_id,
                         plan: Err(vec![ItemError::new(
@@ -277,6 +303,15 @@ impl Bridge {
                 return self.fault(&delivery, &envelope, kind, &exception_type, &message).await;
             }
             Prepared::Store(envelope, job) => self.store_plan(&envelope, job).await.map(|r| (envelope, r)),
+            Prepared::ClaimCheck(envelope, claim) => match self.claim_check_job(&envelope, claim).await {
+                Ok(job) => self.store_plan(&envelope, job).await.map(|r| (envelope, r)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "claim-check storage unavailable; the command will be delivered again");
+                    return match acker.retry_later().await {
+                        Ok(()) | Err(_) => Handled::Retry(e.to_string()),
+                    };
+                }
+            },
             Prepared::Retrieve(envelope) => self.retrieve_plan(&envelope).await.map(|r| (envelope, r)),
         };
         let (envelope, reply) = match outcome {
@@ -322,6 +357,39 @@ impl Bridge {
         match acker.ack().await {
             Ok(()) => Handled::Done,
             Err(e) => Handled::Retry(e.to_string()),
+        }
+    }
+
+    /// The store job of a claim check: its plan read from the blob, or the reason there is none.
+    /// `Err` only when the storage is unavailable (the command is delivered again later).
+    async fn claim_check_job(&self, envelope: &Envelope, claim: ClaimCheck) -> Result<StoreJob, ClaimCheckError> {
+        let message_id = envelope.message_id;
+        if let Some(id) = message_id
+            && let Ok(Some(_)) = self.store.inbox_response(id).await
+        {
+            // Answered before: the transaction replays the inbox's answer in place of this plan,
+            // which only shows if that answer vanished in between.
+            metrics::counter!(m::CLAIM_CHECKS, "outcome" => "answered_from_inbox").increment(1);
+            let gone = ItemError {
+                item_id: None,
+                status: crate::contracts::Status::internal(),
+                message: Some("This claim check was answered before, but its answer is no longer stored.".into()),
+            };
+            return Ok(StoreJob { message_id, plan: Err(vec![gone]) });
+        }
+        let Some(claim_checks) = &self.claim_checks else {
+            return Ok(StoreJob { message_id, plan: Err(vec![ClaimCheckError::Disabled.item_error()]) });
+        };
+        let fetched = claim_checks.fetch(&claim.data_ref, &claim.blob).await;
+        let outcome = fetched.as_ref().map(|_| "fetched").unwrap_or_else(ClaimCheckError::outcome);
+        metrics::counter!(m::CLAIM_CHECKS, "outcome" => outcome).increment(1);
+        match fetched {
+            Ok(list) => Ok(StoreJob { message_id, plan: plan::validate_store_plan(list, &self.options.plan_limits) }),
+            Err(e) if e.is_retryable() => Err(e),
+            Err(e) => {
+                tracing::info!(reason = %e, "claim check answered with an error");
+                Ok(StoreJob { message_id, plan: Err(vec![e.item_error()]) })
+            }
         }
     }
 
@@ -444,7 +512,15 @@ enum Prepared {
     Skip,
     Fault(Envelope, MessageType, String, String),
     Store(Envelope, StoreJob),
+    /// A store plan whose instructions are in a blob the URL rule accepts (not fetched yet).
+    ClaimCheck(Envelope, ClaimCheck),
     Retrieve(Envelope),
+}
+
+/// A claim check to fetch: the URL as sent, and the blob it resolved to.
+struct ClaimCheck {
+    data_ref: String,
+    blob: BlobRef,
 }
 
 impl Prepared {
@@ -454,7 +530,7 @@ impl Prepared {
             Prepared::Unreadable(_) => "unknown",
             Prepared::Skip => "other",
             Prepared::Fault(_, kind, _, _) => kind.as_str(),
-            Prepared::Store(..) => MessageType::ExecuteStorePlanCommand.as_str(),
+            Prepared::Store(..) | Prepared::ClaimCheck(..) => MessageType::ExecuteStorePlanCommand.as_str(),
             Prepared::Retrieve(_) => MessageType::RetrievePlanCommand.as_str(),
         }
     }

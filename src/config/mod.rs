@@ -162,6 +162,12 @@ setting_enum! {
         Disabled = "Disabled",
         /// Azure Blob Storage (or the Azurite emulator).
         AzureBlobStorage = "AzureBlobStorage",
+        /// Beyond Firely: Amazon S3 or an S3-compatible store (`Bucket`, `Region`, `Endpoint`).
+        S3 = "S3" | "AmazonS3",
+        /// Beyond Firely: Google Cloud Storage (`Bucket`).
+        GoogleCloudStorage = "GoogleCloudStorage" | "Gcs",
+        /// Beyond Firely: files under a local directory (`Directory`).
+        LocalFiles = "LocalFiles" | "LocalFileSystem",
     }
 }
 
@@ -492,14 +498,44 @@ impl ResourceChangeNotificationSettings {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase", deny_unknown_fields, default)]
 pub struct ClaimCheckSettings {
-    /// `AzureBlobStorage` or `Disabled`. Default `Disabled`: claim-check commands are refused.
+    /// `AzureBlobStorage` or `Disabled` (Firely's), or beyond Firely `S3`, `GoogleCloudStorage` or
+    /// `LocalFiles`. Default `Disabled`: claim-check commands are refused.
     pub storage_type: ClaimCheckStorage,
-    /// The container the blobs are in. Default none (the blob URL in the message names it).
+    /// The container the blobs are in: only blob URLs in this container are fetched. Default none:
+    /// any container of the account (the blob URL in the message names it).
     #[serde(deserialize_with = "lenient::opt_string")]
     pub azure_blob_container_name: Option<String>,
-    /// The storage account's connection string. Required when `StorageType` is `AzureBlobStorage`.
+    /// The storage account's connection string (`DefaultEndpointsProtocol=…;AccountName=…;AccountKey=…`,
+    /// optionally `BlobEndpoint=…` or `SharedAccessSignature=…`, or `UseDevelopmentStorage=true` for
+    /// the Azurite emulator on 127.0.0.1:10000). Required when `StorageType` is `AzureBlobStorage`.
     #[serde(deserialize_with = "lenient::opt_string")]
     pub azure_blob_storage_connection_string: Option<String>,
+    /// Beyond Firely, `S3` and `GoogleCloudStorage`: the bucket the blobs are in (required); only
+    /// URLs of this bucket are fetched.
+    #[serde(deserialize_with = "lenient::opt_string")]
+    pub bucket: Option<String>,
+    /// Beyond Firely, `S3`: the bucket's region. Default from the AWS environment, else `us-east-1`.
+    #[serde(deserialize_with = "lenient::opt_string")]
+    pub region: Option<String>,
+    /// Beyond Firely, `S3`: the URL of an S3-compatible service (`http://minio:9000`); blob URLs are
+    /// then `<Endpoint>/<Bucket>/<key>`. Default none: Amazon S3.
+    #[serde(deserialize_with = "lenient::opt_string")]
+    pub endpoint: Option<String>,
+    /// Beyond Firely, `S3`: the access key id. Default from the AWS environment (`AWS_ACCESS_KEY_ID`,
+    /// an instance profile).
+    #[serde(deserialize_with = "lenient::opt_string")]
+    pub access_key_id: Option<String>,
+    /// Beyond Firely, `S3`: the secret access key that goes with `AccessKeyId`.
+    #[serde(deserialize_with = "lenient::opt_string")]
+    pub secret_access_key: Option<String>,
+    /// Beyond Firely, `GoogleCloudStorage`: the service account key file. Default from the Google
+    /// environment (`GOOGLE_APPLICATION_CREDENTIALS`, the metadata server).
+    #[serde(deserialize_with = "lenient::opt_string")]
+    pub service_account_path: Option<String>,
+    /// Beyond Firely, `LocalFiles`: the directory the blobs are in (required); only `file://` URLs
+    /// of files under it are read.
+    #[serde(deserialize_with = "lenient::opt_string")]
+    pub directory: Option<String>,
 }
 
 impl Default for ClaimCheckSettings {
@@ -508,6 +544,13 @@ impl Default for ClaimCheckSettings {
             storage_type: ClaimCheckStorage::Disabled,
             azure_blob_container_name: None,
             azure_blob_storage_connection_string: None,
+            bucket: None,
+            region: None,
+            endpoint: None,
+            access_key_id: None,
+            secret_access_key: None,
+            service_account_path: None,
+            directory: None,
         }
     }
 }
@@ -603,9 +646,13 @@ impl Default for ShutdownSettings {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase", deny_unknown_fields, default)]
 pub struct LimitSettings {
-    /// Largest message body in bytes (after fetching a claim check). Default 16 MiB (16777216).
+    /// Largest message body in bytes. Default 16 MiB (16777216).
     #[serde(deserialize_with = "lenient::int")]
     pub max_message_bytes: usize,
+    /// Largest claim-check blob in bytes: a larger blob is refused by its size before it is read,
+    /// and reading stops past it. Default 64 MiB (67108864).
+    #[serde(deserialize_with = "lenient::int")]
+    pub max_claim_check_bytes: u64,
     /// Most instructions in one store or retrieve plan. Default 10000.
     #[serde(deserialize_with = "lenient::int")]
     pub max_instructions_per_plan: usize,
@@ -616,7 +663,12 @@ pub struct LimitSettings {
 
 impl Default for LimitSettings {
     fn default() -> Self {
-        LimitSettings { max_message_bytes: 16 * 1024 * 1024, max_instructions_per_plan: 10_000, max_json_depth: 128 }
+        LimitSettings {
+            max_message_bytes: 16 * 1024 * 1024,
+            max_claim_check_bytes: 64 * 1024 * 1024,
+            max_instructions_per_plan: 10_000,
+            max_json_depth: 128,
+        }
     }
 }
 
@@ -781,19 +833,33 @@ impl Settings {
         }
 
         let claim = &self.pub_sub.claim_check;
-        if claim.storage_type == ClaimCheckStorage::AzureBlobStorage
-            && claim.azure_blob_storage_connection_string.is_none()
+        let required = match claim.storage_type {
+            ClaimCheckStorage::AzureBlobStorage => {
+                Some(("AzureBlobStorageConnectionString", &claim.azure_blob_storage_connection_string))
+            }
+            ClaimCheckStorage::S3 | ClaimCheckStorage::GoogleCloudStorage => Some(("Bucket", &claim.bucket)),
+            ClaimCheckStorage::LocalFiles => Some(("Directory", &claim.directory)),
+            ClaimCheckStorage::Disabled => None,
+        };
+        if let Some((name, value)) = required
+            && value.as_deref().is_none_or(|v| v.trim().is_empty())
         {
             return Err(ConfigError::invalid(
-                "PubSub.ClaimCheck.AzureBlobStorageConnectionString",
-                "is required when StorageType is AzureBlobStorage",
+                format!("PubSub.ClaimCheck.{name}"),
+                format!("is required when StorageType is {}", claim.storage_type),
             ));
+        }
+        if claim.storage_type != ClaimCheckStorage::Disabled
+            && let Err((key, problem)) = crate::claimcheck::ClaimChecks::check_settings(claim)
+        {
+            return Err(ConfigError::invalid(format!("PubSub.ClaimCheck.{key}"), problem));
         }
 
         self.store.kind().map_err(|problem| ConfigError::invalid("Store.Url", problem))?;
 
         let limits = &self.limits;
         at_least_one("Limits.MaxMessageBytes", limits.max_message_bytes as u64)?;
+        at_least_one("Limits.MaxClaimCheckBytes", limits.max_claim_check_bytes)?;
         at_least_one("Limits.MaxInstructionsPerPlan", limits.max_instructions_per_plan as u64)?;
         at_least_one("Limits.MaxJsonDepth", limits.max_json_depth as u64)?;
         at_least_one("Shutdown.TimeoutSeconds", self.shutdown.timeout_seconds)?;
@@ -818,6 +884,7 @@ impl Settings {
         found.extend(broker.kafka.password.clone());
         found.extend(broker.kafka.keystore_password.clone());
         found.extend(self.pub_sub.claim_check.azure_blob_storage_connection_string.clone());
+        found.extend(self.pub_sub.claim_check.secret_access_key.clone());
         let mut connection_strings = vec![self.store.url.clone()];
         connection_strings.extend(self.pub_sub.claim_check.azure_blob_storage_connection_string.clone());
         if broker.broker_type == BrokerType::AzureServiceBus {
@@ -968,7 +1035,11 @@ fn redact_tree(value: &mut Value, key: &str) {
         }
         Value::String(text) => {
             let lower = key.to_ascii_lowercase();
-            if lower.contains("password") || lower.contains("passphrase") || lower.contains("connectionstring") {
+            if lower.contains("password")
+                || lower.contains("passphrase")
+                || lower.contains("connectionstring")
+                || lower.contains("secret")
+            {
                 *text = HIDDEN.to_owned();
             } else if lower == "host" || lower == "url" {
                 *text = redact_url(text);

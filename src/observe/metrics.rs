@@ -37,6 +37,10 @@ pub const PUBLISHER_LAG: &str = "fhir_pubsub_publisher_lag_seconds";
 pub const PUBLISHER_PENDING: &str = "fhir_pubsub_publisher_pending_changes";
 /// 1 while this process publishes the change events, 0 while another does.
 pub const PUBLISHER_LEADING: &str = "fhir_pubsub_publisher_leading";
+/// Claim checks, by `outcome`: `fetched`, `answered_from_inbox`, or why there is no plan
+/// ([`crate::claimcheck::ClaimCheckError::outcome`]: `refused`, `not_found`, `too_large`, `not_a_plan`,
+/// `denied`, `rejected`, `unavailable`).
+pub const CLAIM_CHECKS: &str = "fhir_pubsub_claim_checks_total";
 /// Store transactions run again after losing a race (deadlock, serialization failure, busy).
 pub const STORE_RETRIES: &str = "fhir_pubsub_store_retries_total";
 /// Broker connections re-established after a loss.
@@ -99,6 +103,10 @@ pub fn describe() {
     describe_gauge!(PUBLISHER_LAG, Unit::Seconds, "Age of the oldest unpublished change (0 when none waits).");
     describe_gauge!(PUBLISHER_PENDING, Unit::Count, "Committed changes not yet published.");
     describe_gauge!(PUBLISHER_LEADING, "1 while this process publishes the change events.");
+    describe_counter!(
+        CLAIM_CHECKS,
+        "Claim checks by outcome: fetched, answered_from_inbox, refused, not_found, too_large, not_a_plan, denied, rejected, unavailable."
+    );
     describe_counter!(STORE_RETRIES, "Store transactions run again after losing a race.");
     describe_counter!(BROKER_RECONNECTS, "Broker connections re-established after a loss.");
     describe_gauge!(BROKER_CONNECTED, "1 while the broker connection is up.");

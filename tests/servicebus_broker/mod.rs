@@ -15,13 +15,18 @@
 //! an abandon), duplicate detection, subscription rules/filters (every subscription gets every
 //! message), auto-forwarding to a dead-letter queue, message size and quota limits, TLS, the HTTPS
 //! management (ATOM) API, partitioning, and Service Bus's error for settling after the lock expired
-//! (such a settlement is ignored). Its state is in memory.
+//! (such a settlement is ignored). A receiver link that has no credit keeps the next message
+//! reserved for itself (unlocked, uncounted) until it asks for it or detaches, so two receivers of
+//! one queue do not share fairly. Its state is in memory.
 //!
 //! It listens on `127.0.0.N:5672` (N ≥ 2, the first free), because `azservicebus` drops the port of
 //! a connection string's endpoint. When port 5672 is taken on every such address (a broker bound
 //! to all interfaces), it falls back to a free port, and `connection_string()` then carries it:
 //! clients must pass `host:port` themselves (`namespace_address()`), e.g. through
 //! `ServiceBusClient::with_custom_retry_policy().unsecured().new_from_named_key_credential`.
+//!
+//! It settles each message a client sends after 30 ms (`SETTLE_DELAY` in `server.rs`), standing in
+//! for a network round trip that the client's AMQP stack relies on without knowing it.
 //!
 //! The broker runs on a runtime of its own (one worker thread), so that it keeps serving whatever
 //! the test's runtime does, and stops when the handle is dropped.
@@ -32,6 +37,7 @@ mod server;
 mod store;
 
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -100,7 +106,9 @@ impl TestServiceBus {
             namespace: Mutex::new(Namespace::default()),
             key_name: KEY_NAME.to_string(),
             key,
-            sockets: Mutex::new(Vec::new()),
+            sockets: Mutex::new(Default::default()),
+            next_connection: Default::default(),
+            refusing: AtomicBool::new(false),
         });
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -213,11 +221,41 @@ impl TestServiceBus {
         }
     }
 
+    /// How many client connections are open now.
+    pub fn connection_count(&self) -> usize {
+        self.broker.sockets.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
     /// Cuts every client connection at once (the state stays): what clients see of a broker
     /// restart. Locks held by the cut connections run out after their lock duration, as in
     /// Service Bus.
     pub fn drop_connections(&self) {
         self.broker.cut_connections();
+    }
+
+    /// An outage: while `down` is true, every connection is cut and new ones are closed as soon
+    /// as they open (clients' reconnection attempts fail); `false` ends it. The state is kept.
+    pub fn set_down(&self, down: bool) {
+        self.broker.refusing.store(down, Ordering::SeqCst);
+        if down {
+            self.broker.cut_connections();
+        }
+    }
+
+    /// Puts a message whose body is an AMQP *value* (a string) rather than Data sections, as some
+    /// AMQP clients send, into a queue or topic; `azservicebus` itself only sends Data bodies.
+    pub fn enqueue_amqp_value(&self, entity: &str, value: &str, message_id: Option<&str>) {
+        use fe2o3_amqp::types::messaging::{AmqpValue, Body, Message, MessageId, Properties};
+        use fe2o3_amqp::types::primitives::Value;
+        let properties =
+            Properties { message_id: message_id.map(|id| MessageId::String(id.to_string())), ..Default::default() };
+        let message = Message::builder()
+            .properties(properties)
+            .body(Body::Value(AmqpValue(Value::String(value.to_string()))))
+            .build();
+        if let Err(error) = self.namespace().enqueue(entity, message) {
+            panic!("cannot enqueue into {entity}: {error:?}");
+        }
     }
 
     /// `drop_connections`, and every lock released at once (each counted as a delivery).

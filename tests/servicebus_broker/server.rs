@@ -1,7 +1,7 @@
 //! The AMQP 1.0 side of the test double, on fe2o3-amqp's acceptor: connections (SASL ANONYMOUS, as
 //! Service Bus clients use), sessions, and the links a Service Bus client attaches:
-//! - `$cbs`: put-token requests, each checked against the namespace key (`sas.rs`) and the entity it
-//!   names (unknown entity: status 404, as the client then reports it);
+//! - `$cbs`: put-token requests, each checked against the namespace key (`sas.rs`): status 202, or
+//!   401 with the reason;
 //! - `<entity>/$management`: renew-lock and peek-message requests;
 //! - `<entity>` (a full `amqp://host/path` address or a bare path): senders enqueue into queues and
 //!   topics, receivers get peek-locked messages with their lock token in the `x-opt-lock-token`
@@ -9,8 +9,10 @@
 //!   abandon, rejected = dead-letter with the error's `DeadLetterReason`/`DeadLetterErrorDescription`,
 //!   released = give back uncounted).
 //!
-//! A link to an entity is refused (detached with `amqp:unauthorized-access` or `amqp:not-found`)
-//! unless a valid token was put for it on the same connection and the entity exists.
+//! A link is refused — attached with no terminus on this side and detached at once with the error,
+//! so that the client's attach fails with it — when no valid token was put for its entity on the
+//! connection (`amqp:unauthorized-access`), the entity does not exist (`amqp:not-found`), or it
+//! sends to a subscription or dead-letter queue or receives from a topic (`amqp:not-allowed`).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -20,25 +22,40 @@ use fe2o3_amqp::acceptor::sasl_acceptor::SaslAnonymousMechanism;
 use fe2o3_amqp::acceptor::{ConnectionAcceptor, LinkAcceptor, LinkEndpoint, ListenerSessionHandle, SessionAcceptor};
 use fe2o3_amqp::types::definitions::{AmqpError, Error as AmqpErrorFrame, Role};
 use fe2o3_amqp::types::messaging::message::__private::{Deserializable, Serializable};
-use fe2o3_amqp::types::messaging::{AmqpValue, ApplicationProperties, Body, Message, MessageId, Outcome, Properties};
+use fe2o3_amqp::types::messaging::{
+    AmqpValue, ApplicationProperties, Body, Message, MessageId, Outcome, Properties, TargetArchetype,
+};
 use fe2o3_amqp::types::primitives::{Array, Binary, OrderedMap, SimpleValue, Timestamp, Value};
 use fe2o3_amqp::{Receiver, Sendable, Sender};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, mpsc, watch};
 
 use super::sas;
-use super::store::{Address, AmqpMessage, EnqueueError, Entity, Namespace, Settlement};
+use super::store::{Address, AmqpMessage, EnqueueError, Entity, Namespace, Settlement, SubQueue};
 
 /// Microsoft's batch message format: the body's Data sections are each a whole encoded message.
 const BATCH_MESSAGE_FORMAT: u32 = 0x8001_3700;
+
+/// How long the double waits before it settles a message a client sent. fe2o3-amqp 0.14's sender
+/// (azservicebus's AMQP stack) records a delivery as unsettled only *after* it has handed the
+/// transfer to its session; an outcome that comes back faster than that (on loopback, from a
+/// client on a multi-threaded runtime) finds no delivery and is dropped, and the send then hangs
+/// until the client's try-timeout and panics on its retry. A network's round trip hides this from
+/// clients of Service Bus; this delay stands in for it. (The double's own senders are safe: its
+/// runtime has one worker thread, so the outcome cannot overtake the bookkeeping.)
+const SETTLE_DELAY: Duration = Duration::from_millis(30);
 
 /// State shared by the accept loop, every connection and the test's handle.
 pub struct Broker {
     pub namespace: Mutex<Namespace>,
     pub key_name: String,
     pub key: String,
-    /// Clones of the accepted sockets, to cut every connection at once (`drop_connections`).
-    pub sockets: Mutex<Vec<std::net::TcpStream>>,
+    /// Clones of the open connections' sockets (by connection number), to cut every connection at
+    /// once (`drop_connections`); a connection removes its own when it ends.
+    pub sockets: Mutex<HashMap<u64, std::net::TcpStream>>,
+    pub next_connection: std::sync::atomic::AtomicU64,
+    /// While set, a new connection is closed as soon as it is accepted (the broker is "down").
+    pub refusing: std::sync::atomic::AtomicBool,
 }
 
 impl Broker {
@@ -49,7 +66,7 @@ impl Broker {
     /// Shuts every accepted socket down: clients see the connection drop, as when a broker restarts.
     pub fn cut_connections(&self) {
         let sockets = std::mem::take(&mut *self.sockets.lock().unwrap_or_else(|p| p.into_inner()));
-        for socket in sockets {
+        for socket in sockets.into_values() {
             let _ = socket.shutdown(std::net::Shutdown::Both);
         }
     }
@@ -83,8 +100,16 @@ pub async fn serve(listener: std::net::TcpListener, broker: Arc<Broker>, mut sto
             }
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
-                let Some(stream) = register_socket(&broker, stream) else { continue };
-                tokio::spawn(connection_main(stream, broker.clone()));
+                if broker.refusing.load(std::sync::atomic::Ordering::SeqCst) {
+                    drop(stream);
+                    continue;
+                }
+                let Some((number, stream)) = register_socket(&broker, stream) else { continue };
+                let broker = broker.clone();
+                tokio::spawn(async move {
+                    connection_main(stream, broker.clone()).await;
+                    broker.sockets.lock().unwrap_or_else(|p| p.into_inner()).remove(&number);
+                });
             }
         }
     }
@@ -92,11 +117,12 @@ pub async fn serve(listener: std::net::TcpListener, broker: Arc<Broker>, mut sto
     broker.cut_connections();
 }
 
-fn register_socket(broker: &Broker, stream: TcpStream) -> Option<TcpStream> {
+fn register_socket(broker: &Broker, stream: TcpStream) -> Option<(u64, TcpStream)> {
     let socket = stream.into_std().ok()?;
     let clone = socket.try_clone().ok()?;
-    broker.sockets.lock().unwrap_or_else(|p| p.into_inner()).push(clone);
-    TcpStream::from_std(socket).ok()
+    let number = broker.next_connection.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    broker.sockets.lock().unwrap_or_else(|p| p.into_inner()).insert(number, clone);
+    Some((number, TcpStream::from_std(socket).ok()?))
 }
 
 async fn sweep_locks(broker: Arc<Broker>) {
@@ -121,52 +147,90 @@ async fn connection_main(stream: TcpStream, broker: Arc<Broker>) {
     let _ = connection.close().await;
 }
 
+/// What a client's link attaches to.
+enum Node {
+    Cbs,
+    Management(Address),
+    /// The client's receiver of `$cbs`/`$management` responses, by its own (reply-to) address.
+    Replies(String),
+    Entity(Address),
+}
+
 async fn session_main(mut session: ListenerSessionHandle, broker: Arc<Broker>, state: Arc<ConnectionState>) {
     let links = LinkAcceptor::new();
-    while let Some(attach) = session.next_incoming_attach().await {
+    while let Some(mut attach) = session.next_incoming_attach().await {
         // The client's sender attaches to a target, its receiver to a source.
-        let (address, reply_to) = match attach.role {
-            Role::Sender => (
-                attach.target.as_ref().and_then(|t| match t.as_ref() {
-                    fe2o3_amqp::types::messaging::TargetArchetype::Target(t) => t.address.clone(),
-                    #[allow(unreachable_patterns)]
-                    _ => None,
-                }),
-                None,
-            ),
-            Role::Receiver => (
-                attach.source.as_ref().and_then(|s| s.address.clone()),
-                attach.target.as_ref().and_then(|t| match t.as_ref() {
-                    fe2o3_amqp::types::messaging::TargetArchetype::Target(t) => t.address.clone(),
-                    #[allow(unreachable_patterns)]
-                    _ => None,
-                }),
-            ),
-        };
-        let address = address.unwrap_or_default();
-        let link = match links.accept_incoming_attach(attach, &mut session).await {
-            Ok(link) => link,
-            Err(_) => continue,
-        };
-        let path = entity_path(&address);
-        match link {
-            LinkEndpoint::Receiver(receiver) => {
-                if path == "$cbs" {
-                    tokio::spawn(cbs_node(receiver, broker.clone(), state.clone()));
-                } else if path.to_lowercase().ends_with("/$management") {
-                    tokio::spawn(management_node(receiver, path, broker.clone(), state.clone()));
-                } else {
-                    tokio::spawn(entity_receiver(receiver, path, broker.clone(), state.clone()));
-                }
-            }
-            LinkEndpoint::Sender(sender) => {
-                if path == "$cbs" || path.to_lowercase().ends_with("/$management") {
-                    tokio::spawn(reply_link(sender, reply_to.unwrap_or_default(), state.clone()));
-                } else {
-                    tokio::spawn(entity_sender(sender, path, broker.clone(), state.clone()));
-                }
+        let target = attach.target.as_ref().and_then(|t| match t.as_ref() {
+            TargetArchetype::Target(t) => t.address.clone(),
+            #[allow(unreachable_patterns)]
+            _ => None,
+        });
+        let client_sends = attach.role == Role::Sender;
+        let address =
+            if client_sends { target.clone() } else { attach.source.as_ref().and_then(|s| s.address.clone()) };
+        let path = entity_path(&address.unwrap_or_default());
+        let node = decide(&broker, &state, &path, client_sends, target);
+        // A refused link is attached with no terminus on our side and detached at once with the
+        // error, as Service Bus does: the client's attach then fails with that error.
+        if node.is_err() {
+            if client_sends {
+                attach.target = None;
+            } else {
+                attach.source = None;
             }
         }
+        let Ok(link) = links.accept_incoming_attach(attach, &mut session).await else { continue };
+        let (broker, state) = (broker.clone(), state.clone());
+        match (link, node) {
+            (LinkEndpoint::Receiver(receiver), Err(error)) => {
+                tokio::spawn(async move { receiver.close_with_error(error).await });
+            }
+            (LinkEndpoint::Sender(sender), Err(error)) => {
+                tokio::spawn(async move { sender.close_with_error(error).await });
+            }
+            (LinkEndpoint::Receiver(receiver), Ok(Node::Cbs)) => {
+                tokio::spawn(cbs_node(receiver, broker, state));
+            }
+            (LinkEndpoint::Receiver(receiver), Ok(Node::Management(address))) => {
+                tokio::spawn(management_node(receiver, address, broker, state));
+            }
+            (LinkEndpoint::Receiver(receiver), Ok(Node::Entity(_))) => {
+                tokio::spawn(entity_receiver(receiver, path, broker));
+            }
+            (LinkEndpoint::Sender(sender), Ok(Node::Replies(reply_to))) => {
+                tokio::spawn(reply_link(sender, reply_to, state));
+            }
+            (LinkEndpoint::Sender(sender), Ok(Node::Entity(address))) => {
+                tokio::spawn(entity_sender(sender, address, broker));
+            }
+            // Role and node always agree (`decide` uses the role); nothing else can come.
+            (_, Ok(_)) => {}
+        }
+    }
+}
+
+/// What a link attaching to `path` gets, or why it is refused.
+fn decide(
+    broker: &Broker,
+    state: &ConnectionState,
+    path: &str,
+    client_sends: bool,
+    target: Option<String>,
+) -> Result<Node, AmqpErrorFrame> {
+    let management = path.to_lowercase().ends_with("/$management");
+    if path == "$cbs" || (management && !client_sends) {
+        return Ok(if client_sends { Node::Cbs } else { Node::Replies(target.unwrap_or_default()) });
+    }
+    let address = admit(broker, state, path)?;
+    if management {
+        return Ok(Node::Management(address));
+    }
+    let not_allowed = |why: &str| Err(amqp_error(AmqpError::NotAllowed, format!("cannot {why} '{path}'")));
+    match (&address.entity, address.sub_queue, client_sends) {
+        (Entity::Subscription(..), _, true) => not_allowed("send to a subscription,"),
+        (_, SubQueue::DeadLetter, true) => not_allowed("send to a dead-letter queue,"),
+        (Entity::Topic(_), _, false) => not_allowed("receive from a topic,"),
+        _ => Ok(Node::Entity(address)),
     }
 }
 
@@ -270,22 +334,14 @@ fn put_token(request: &Message<Body<Value>>, broker: &Broker, state: &Connection
     if let Err(why) = sas::verify(&token, &broker.key_name, &broker.key, now) {
         return response(request, 401, &format!("Unauthorized: {why}"), Value::Null);
     }
+    // As in Service Bus, a valid token is accepted whether or not the entity exists: an unknown
+    // entity is refused when the link attaches (`amqp:not-found`).
     let path = entity_path(&name);
-    if broker.namespace().resolve(&path).is_none() {
-        return response(request, 404, &format!("The messaging entity '{name}' could not be found."), Value::Null);
-    }
     state.authorised.lock().unwrap_or_else(|p| p.into_inner()).insert(super::store::key(&path));
     response(request, 202, "Accepted", Value::Null)
 }
 
-async fn management_node(mut receiver: Receiver, path: String, broker: Arc<Broker>, state: Arc<ConnectionState>) {
-    let address = match admit(&broker, &state, &path) {
-        Ok(address) => address,
-        Err(error) => {
-            let _ = receiver.close_with_error(error).await;
-            return;
-        }
-    };
+async fn management_node(mut receiver: Receiver, address: Address, broker: Arc<Broker>, state: Arc<ConnectionState>) {
     while let Ok(delivery) = receiver.recv::<Body<Value>>().await {
         let _ = receiver.accept(&delivery).await;
         let request = delivery.into_message();
@@ -385,11 +441,7 @@ fn uuid_of(value: &Value) -> Option<[u8; 16]> {
 
 /// A client's sender: each message (or each message of a batch) is enqueued, then accepted; a
 /// message the entity cannot take is rejected with the reason.
-async fn entity_receiver(mut receiver: Receiver, path: String, broker: Arc<Broker>, state: Arc<ConnectionState>) {
-    if let Err(error) = admit(&broker, &state, &path) {
-        let _ = receiver.close_with_error(error).await;
-        return;
-    }
+async fn entity_receiver(mut receiver: Receiver, path: String, broker: Arc<Broker>) {
     while let Ok(delivery) = receiver.recv::<Body<Value>>().await {
         let batched = matches!(delivery.message_format(), Some(format) if *format == BATCH_MESSAGE_FORMAT);
         let message = delivery.message().clone();
@@ -406,6 +458,8 @@ async fn entity_receiver(mut receiver: Receiver, path: String, broker: Arc<Broke
             }
             Ok(())
         });
+        // See SETTLE_DELAY: an outcome sent at once can be lost by the client.
+        tokio::time::sleep(SETTLE_DELAY).await;
         let _ = match result {
             Ok(()) => receiver.accept(&delivery).await,
             Err(error) => receiver.reject(&delivery, error).await,
@@ -429,19 +483,7 @@ fn unbatch(envelope: AmqpMessage) -> Result<Vec<AmqpMessage>, AmqpErrorFrame> {
 
 /// A client's receiver: hands out peek-locked messages as the client gives credit, and settles
 /// each lock by the client's disposition.
-async fn entity_sender(mut sender: Sender, path: String, broker: Arc<Broker>, state: Arc<ConnectionState>) {
-    let address = match admit(&broker, &state, &path) {
-        Ok(address) if !address.management && !matches!(address.entity, Entity::Topic(_)) => address,
-        Ok(_) => {
-            let error = amqp_error(AmqpError::NotAllowed, format!("cannot receive from '{path}': it is a topic"));
-            let _ = sender.close_with_error(error).await;
-            return;
-        }
-        Err(error) => {
-            let _ = sender.close_with_error(error).await;
-            return;
-        }
-    };
+async fn entity_sender(mut sender: Sender, address: Address, broker: Arc<Broker>) {
     let Some(notify) = broker.namespace().notifier(&address.entity, address.sub_queue) else { return };
     loop {
         // Wait for a message, watching for the client's detach meanwhile.
@@ -449,7 +491,7 @@ async fn entity_sender(mut sender: Sender, path: String, broker: Arc<Broker>, st
             let notified = notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if let Some(next) = broker.namespace().lock_next(&address.entity, address.sub_queue, SystemTime::now()) {
+            if let Some(next) = broker.namespace().reserve_next(&address.entity, address.sub_queue, SystemTime::now()) {
                 break next;
             }
             tokio::select! {
@@ -458,8 +500,10 @@ async fn entity_sender(mut sender: Sender, path: String, broker: Arc<Broker>, st
             }
         };
         let sendable = Sendable::builder().message(message).build();
+        // Waits for the client's credit; the message stays reserved (uncounted, no lock clock) meanwhile.
         match sender.send_batchable(sendable).await {
             Ok(outcome) => {
+                broker.namespace().confirm_delivery(&address.entity, address.sub_queue, token, SystemTime::now());
                 let broker = broker.clone();
                 let address = address.clone();
                 tokio::spawn(async move {
@@ -472,7 +516,7 @@ async fn entity_sender(mut sender: Sender, path: String, broker: Arc<Broker>, st
             }
             Err(_) => {
                 // Never reached the client (detached while waiting for credit).
-                broker.namespace().settle(&address.entity, address.sub_queue, token, Settlement::Release);
+                broker.namespace().unreserve(&address.entity, address.sub_queue, token);
                 return;
             }
         }

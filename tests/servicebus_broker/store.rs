@@ -81,10 +81,18 @@ pub struct Address {
     pub management: bool,
 }
 
+/// A message handed to a receiver link. `until` is `None` while the link holds it waiting for the
+/// client's credit (reserved: not yet sent, not counted, no lock clock running).
 #[derive(Debug)]
 struct Lock {
     token: [u8; 16],
-    until: SystemTime,
+    until: Option<SystemTime>,
+}
+
+impl Lock {
+    fn expired(&self, now: SystemTime) -> bool {
+        self.until.is_some_and(|until| until <= now)
+    }
 }
 
 #[derive(Debug)]
@@ -325,10 +333,12 @@ impl Namespace {
         })
     }
 
-    /// Locks the next available message of a sub-queue for a receiver: counts the delivery and
-    /// returns the lock token and the message as sent (lock token, sequence number, enqueued time,
-    /// locked-until and delivery count stamped on it).
-    pub fn lock_next(
+    /// Reserves the next available message of a sub-queue for a receiver link, and returns the
+    /// lock token and the message as it will be sent (lock token, sequence number, enqueued time,
+    /// locked-until and delivery count stamped on it). The delivery is counted and the lock clock
+    /// starts only at `confirm_delivery`, once the link had credit and sent it; `unreserve` gives
+    /// it back untouched.
+    pub fn reserve_next(
         &mut self,
         entity: &Entity,
         sub_queue: SubQueue,
@@ -342,11 +352,31 @@ impl Namespace {
         };
         let stored = store.messages.iter_mut().find(|m| m.lock.is_none())?;
         let token = *uuid::Uuid::new_v4().as_bytes();
-        let until = now + options.lock_duration;
-        stored.delivery_count += 1;
-        stored.lock = Some(Lock { token, until });
-        let message = outgoing(stored, Some((token, until)));
+        stored.lock = Some(Lock { token, until: None });
+        // This delivery will be number `delivery_count + 1`; AMQP's header counts prior ones.
+        let message = outgoing(stored, stored.delivery_count, Some((token, now + options.lock_duration)));
         Some((token, message))
+    }
+
+    /// The reserved message went out: count the delivery and start its lock clock.
+    pub fn confirm_delivery(&mut self, entity: &Entity, sub_queue: SubQueue, token: [u8; 16], now: SystemTime) {
+        let Some((active, dead, options, _)) = self.stores_mut(entity) else { return };
+        let store = if sub_queue == SubQueue::Active { active } else { dead };
+        if let Some(m) = store.messages.iter_mut().find(|m| m.lock.as_ref().is_some_and(|l| l.token == token)) {
+            m.delivery_count += 1;
+            m.lock = Some(Lock { token, until: Some(now + options.lock_duration) });
+        }
+    }
+
+    /// The reserved message never went out (the link went away first): available again, uncounted.
+    pub fn unreserve(&mut self, entity: &Entity, sub_queue: SubQueue, token: [u8; 16]) {
+        let Some((active, dead, _, _)) = self.stores_mut(entity) else { return };
+        let store = if sub_queue == SubQueue::Active { active } else { dead };
+        let reserved = |l: &Lock| l.token == token && l.until.is_none();
+        if let Some(m) = store.messages.iter_mut().find(|m| m.lock.as_ref().is_some_and(reserved)) {
+            m.lock = None;
+            store.notify.notify_waiters();
+        }
     }
 
     /// Settles a locked message. Returns false when no message holds this lock (completed already,
@@ -357,7 +387,9 @@ impl Namespace {
             SubQueue::Active => (active, Some(dead)),
             SubQueue::DeadLetter => (dead, None),
         };
-        let Some(index) = store.messages.iter().position(|m| m.lock.as_ref().is_some_and(|l| l.token == token)) else {
+        let Some(index) =
+            store.messages.iter().position(|m| m.lock.as_ref().is_some_and(|l| l.token == token && l.until.is_some()))
+        else {
             return false;
         };
         match settlement {
@@ -404,9 +436,10 @@ impl Namespace {
         self.expire(entity, now);
         let (active, dead, options, _) = self.stores_mut(entity)?;
         for store in [active, dead] {
-            if let Some(m) = store.messages.iter_mut().find(|m| m.lock.as_ref().is_some_and(|l| l.token == token)) {
+            let held = |l: &Lock| l.token == token && l.until.is_some();
+            if let Some(m) = store.messages.iter_mut().find(|m| m.lock.as_ref().is_some_and(held)) {
                 let until = now + options.lock_duration;
-                m.lock = Some(Lock { token, until });
+                m.lock = Some(Lock { token, until: Some(until) });
                 return Some(until);
             }
         }
@@ -425,7 +458,13 @@ impl Namespace {
         self.expire(entity, now);
         let Some((active, dead, _, _)) = self.stores_mut(entity) else { return Vec::new() };
         let store = if sub_queue == SubQueue::Active { active } else { dead };
-        store.messages.iter().filter(|m| m.sequence_number >= from).take(count).map(|m| outgoing(m, None)).collect()
+        store
+            .messages
+            .iter()
+            .filter(|m| m.sequence_number >= from)
+            .take(count)
+            .map(|m| outgoing(m, m.delivery_count.saturating_sub(1), None))
+            .collect()
     }
 
     /// Releases every lock whose time is up (counting it as a failed delivery) and drops, or
@@ -436,7 +475,7 @@ impl Namespace {
         let mut index = 0;
         while index < active.messages.len() {
             let m = &mut active.messages[index];
-            if m.lock.as_ref().is_some_and(|l| l.until <= now) {
+            if m.lock.as_ref().is_some_and(|l| l.expired(now)) {
                 m.lock = None;
                 woke = true;
                 if m.delivery_count >= options.max_delivery_count {
@@ -465,7 +504,7 @@ impl Namespace {
             index += 1;
         }
         for m in dead.messages.iter_mut() {
-            if m.lock.as_ref().is_some_and(|l| l.until <= now) {
+            if m.lock.as_ref().is_some_and(|l| l.expired(now)) {
                 m.lock = None;
                 woke = true;
             }
@@ -490,7 +529,9 @@ impl Namespace {
             if let Some((active, dead, _, _)) = self.stores_mut(&entity) {
                 for m in active.messages.iter_mut().chain(dead.messages.iter_mut()) {
                     if let Some(lock) = m.lock.as_mut() {
-                        lock.until = now;
+                        if lock.until.is_some() {
+                            lock.until = Some(now);
+                        }
                     }
                 }
             }
@@ -547,11 +588,13 @@ impl MessageStore {
 }
 
 /// The message as a receiver gets it: Service Bus's broker annotations stamped on a copy.
-fn outgoing(stored: &Stored, lock: Option<([u8; 16], SystemTime)>) -> AmqpMessage {
+/// `prior_deliveries` goes into the header's delivery-count (AMQP counts *prior* deliveries; the
+/// client adds one to show Service Bus's DeliveryCount).
+fn outgoing(stored: &Stored, prior_deliveries: u32, lock: Option<([u8; 16], SystemTime)>) -> AmqpMessage {
     let mut message = stored.message.clone();
     let header = message.header.get_or_insert_with(Header::default);
     // AMQP's delivery-count is the number of *prior* deliveries; the client adds one.
-    header.delivery_count = stored.delivery_count.saturating_sub(1);
+    header.delivery_count = prior_deliveries;
     let annotations = message.message_annotations.get_or_insert_with(MessageAnnotations::default);
     annotations.0.insert("x-opt-sequence-number".into(), Value::Long(stored.sequence_number));
     annotations.0.insert("x-opt-enqueued-time".into(), Value::Timestamp(timestamp(stored.enqueued_at)));
@@ -655,7 +698,7 @@ fn snapshot(stored: &Stored) -> super::BrokerMessage {
             .unwrap_or_default(),
         delivery_count: stored.delivery_count,
         sequence_number: stored.sequence_number,
-        locked: stored.lock.is_some(),
+        locked: stored.lock.as_ref().is_some_and(|l| l.until.is_some()),
         dead_letter_reason: if stored.dead_letter_source.is_some() { app_string("DeadLetterReason") } else { None },
         dead_letter_description: if stored.dead_letter_source.is_some() {
             app_string("DeadLetterErrorDescription")
