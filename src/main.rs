@@ -216,9 +216,23 @@ async fn connect_transport(settings: &Settings) -> anyhow::Result<Arc<dyn Transp
                 fhir_pubsub::transport::kafka::KafkaTransport::connect(options).await.context("connecting to Kafka")?;
             Ok(Arc::new(transport))
         }
+        #[cfg(feature = "servicebus")]
+        BrokerType::AzureServiceBus => {
+            use fhir_pubsub::transport::servicebus::{ServiceBusOptions, ServiceBusTransport};
+            let events = &settings.pub_sub.resource_change_notifications;
+            let options = ServiceBusOptions::from_settings(
+                &settings.pub_sub.message_broker,
+                events.send_full_events,
+                events.send_light_events,
+            )
+            .map_err(anyhow::Error::msg)?;
+            let transport = ServiceBusTransport::connect(options).await.context("connecting to Azure Service Bus")?;
+            Ok(Arc::new(transport))
+        }
+        #[allow(unreachable_patterns)]
         other => {
             anyhow::bail!(
-                "PubSub.MessageBroker.BrokerType {other:?} is not supported by this build yet; use RabbitMq or Kafka"
+                "PubSub.MessageBroker.BrokerType {other:?} is not supported by this build (a cargo feature is off)"
             )
         }
     }

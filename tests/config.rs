@@ -261,7 +261,7 @@ fn environment_overrides_nested_keys_in_any_case_with_conversion() {
             ("FHIRPUBSUB_PubSub__ResourceChangeNotifications__ResourceTypes", r#"["Patient","Observation"]"#),
             ("FHIRPUBSUB_PUBSUB__MESSAGEBROKER__QUEUEARGUMENTS__x-message-ttl", "60000"),
             ("FHIRPUBSUB_Http__Listen", "0.0.0.0:8081"),
-            ("FHIRPUBSUB_PubSub__MessageBroker__BrokerType", "azureservicebus"),
+            ("FHIRPUBSUB_PubSub__MessageBroker__BrokerType", "kAFKA"),
             ("UNRELATED", "ignored"),
         ],
     )
@@ -269,7 +269,7 @@ fn environment_overrides_nested_keys_in_any_case_with_conversion() {
     let broker = &s.pub_sub.message_broker;
     assert_eq!(broker.host, "rabbit", "the environment wins over the file");
     assert_eq!(broker.port, 5671);
-    assert_eq!(broker.broker_type, BrokerType::AzureServiceBus);
+    assert_eq!(broker.broker_type, BrokerType::Kafka);
     assert_eq!(s.store.kind(), Ok(StoreKind::Postgres));
     assert!(s.pub_sub.resource_change_notifications.send_full_events);
     assert_eq!(s.pub_sub.resource_change_notifications.resource_types, ["Patient", "Observation"]);

@@ -81,6 +81,7 @@ async fn ca_location_turns_tls_on_and_a_reply_goes_out_over_it() {
         time_to_live: None,
         reply_to: None,
         key: None,
+        session_id: None,
     };
     transport.send(&format!("kafka://localhost:9093/{replies}"), message).await.expect("sent over TLS");
     let records = collector.wait_for(&replies, 1).await;

@@ -79,6 +79,7 @@ fn message(id: uuid::Uuid) -> OutgoingMessage {
         time_to_live: Some(Duration::from_secs(60)),
         reply_to: None,
         key: None,
+        session_id: None,
     }
 }
 

@@ -52,6 +52,7 @@ fn message(body: &str) -> OutgoingMessage {
         time_to_live: Some(Duration::from_secs(30)),
         reply_to: None,
         key: None,
+        session_id: None,
     }
 }
 

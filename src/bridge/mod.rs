@@ -616,6 +616,8 @@ fn outgoing(envelope: &Envelope, delivery: &Delivery) -> OutgoingMessage {
         headers: envelope::transport_headers(envelope),
         time_to_live,
         reply_to: delivery.meta.reply_to.clone(),
-        key: None,
+        // Service Bus: a reply goes to the requester's session and partition (MassTransit).
+        key: delivery.meta.partition_key.clone(),
+        session_id: delivery.meta.reply_session_id.clone(),
     }
 }

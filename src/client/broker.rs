@@ -128,6 +128,7 @@ impl Broker {
             time_to_live: ttl,
             reply_to: None,
             key: None,
+            session_id: None,
         };
         let channel = self.channel().await?;
         let sending = |e: lapin::Error| broker_error(&format!("sending to `{exchange}`"), &e);

@@ -17,6 +17,7 @@
 mod keys;
 mod lenient;
 mod redact;
+mod servicebus;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -26,6 +27,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 pub use redact::{HIDDEN, MIN_SCRUBBED_LEN, Scrubber, redact_url, secrets_in};
+pub use servicebus::{ServiceBusConnectionString, ServiceBusCredential};
 
 /// Prefix of the environment variables that override settings: `FHIRPUBSUB_` + the key path joined
 /// with `__`, in any case (`FHIRPUBSUB_PubSub__MessageBroker__Host`, `FHIRPUBSUB_STORE__URL`).
@@ -247,6 +249,8 @@ pub struct MessageBrokerSettings {
     pub rabbit_mq: RabbitMqSettings,
     /// Kafka (Firely's `Kafka` subsection).
     pub kafka: KafkaSettings,
+    /// Ours: Azure Service Bus names and error handling.
+    pub service_bus: ServiceBusSettings,
 }
 
 impl Default for MessageBrokerSettings {
@@ -264,6 +268,7 @@ impl Default for MessageBrokerSettings {
             queue_arguments: serde_json::Map::new(),
             rabbit_mq: RabbitMqSettings::default(),
             kafka: KafkaSettings::default(),
+            service_bus: ServiceBusSettings::default(),
         }
     }
 }
@@ -398,6 +403,37 @@ impl KafkaSettings {
             .unwrap_or_else(|| format!("{}.ExecuteStorePlanCommand.Errors", self.topic_prefix))
     }
 }
+
+/// `PubSub.MessageBroker.ServiceBus` (ours): how the bridge names Service Bus entities and where
+/// messages it cannot handle go. `Host` holds the connection string.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields, default)]
+pub struct ServiceBusSettings {
+    /// What MassTransit puts between the message namespace and the type name in a topic name:
+    /// `~` (Firely's `Firely.Server.Contracts.Messages.V1~ExecuteStorePlanCommand`), `/`
+    /// (MassTransit's default) or `_`. Default `~`.
+    #[serde(deserialize_with = "lenient::string")]
+    pub namespace_separator: String,
+    /// Copy messages that cannot be handled to the queues `<queue>_error` and `<queue>_skipped`
+    /// (with the reason in `MT-Fault-*` application properties), as MassTransit does, instead of
+    /// dead-lettering them with the reason. Default false: the queue's dead-letter sub-queue.
+    #[serde(deserialize_with = "lenient::boolean")]
+    pub use_error_queues: bool,
+    /// When the store is unavailable, how many seconds a command stays locked before it is
+    /// abandoned and so delivered again (its delivery count one higher; past the queue's
+    /// `MaxDeliveryCount` Service Bus dead-letters it). Default 5.
+    #[serde(deserialize_with = "lenient::int")]
+    pub retry_delay_seconds: u64,
+}
+
+impl Default for ServiceBusSettings {
+    fn default() -> Self {
+        ServiceBusSettings { namespace_separator: "~".into(), use_error_queues: false, retry_delay_seconds: 5 }
+    }
+}
+
+/// The namespace separators MassTransit can be set to on Service Bus.
+pub const SERVICE_BUS_SEPARATORS: [&str; 3] = ["~", "/", "_"];
 
 /// `PubSub.ResourceChangeNotifications`: change events.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -758,6 +794,20 @@ impl Settings {
                 if let Err(e) = crate::envelope::KafkaAddress::parse(&format!("topic:{topic}")) {
                     return Err(ConfigError::invalid(format!("{key}.{name}"), e.to_string()));
                 }
+            }
+        }
+
+        if broker.broker_type == BrokerType::AzureServiceBus {
+            let key = format!("{MB}.ServiceBus");
+            let separator = broker.service_bus.namespace_separator.as_str();
+            if !SERVICE_BUS_SEPARATORS.contains(&separator) {
+                return Err(ConfigError::invalid(
+                    format!("{key}.NamespaceSeparator"),
+                    format!("must be one of ~, / or _, found `{separator}`"),
+                ));
+            }
+            if let Err(problem) = ServiceBusConnectionString::parse(&broker.host) {
+                return Err(ConfigError::invalid(format!("{MB}.Host"), problem));
             }
         }
 

@@ -80,6 +80,7 @@ pub fn outgoing<T: serde::Serialize>(
         time_to_live: None,
         reply_to: None,
         key: None,
+        session_id: None,
     })
 }
 

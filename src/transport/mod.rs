@@ -9,6 +9,8 @@
 pub mod kafka;
 #[cfg(feature = "rabbitmq")]
 pub mod rabbitmq;
+#[cfg(feature = "servicebus")]
+pub mod servicebus;
 
 use std::time::Duration;
 
@@ -34,6 +36,11 @@ pub struct TransportMeta {
     /// The message type implied by where the message arrived (the RabbitMQ exchange it was
     /// published to, the Kafka topic), used when the body names none.
     pub type_hint: Option<MessageType>,
+    /// Service Bus: the session a reply goes to (the request's `ReplyToSessionId`, else its
+    /// `SessionId`), so that a requester on a session queue gets its answer.
+    pub reply_session_id: Option<String>,
+    /// Service Bus: the request's `PartitionKey`, copied onto its reply.
+    pub partition_key: Option<String>,
 }
 
 impl TransportMeta {
@@ -58,6 +65,8 @@ pub struct OutgoingMessage {
     pub reply_to: Option<String>,
     /// Kafka record key / Service Bus partition key (events are keyed by `Type/id`).
     pub key: Option<String>,
+    /// Service Bus `SessionId` (a reply copies the request's, see [`TransportMeta::reply_session_id`]).
+    pub session_id: Option<String>,
 }
 
 /// Why a message is moved to the error queue instead of being handled.

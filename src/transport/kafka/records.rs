@@ -162,6 +162,7 @@ mod tests {
             time_to_live: None,
             reply_to: None,
             key: Some("Patient/p1".into()),
+            session_id: None,
         }
     }
 

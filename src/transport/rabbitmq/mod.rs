@@ -693,6 +693,7 @@ fn delivery_meta(delivery: &lapin::message::Delivery) -> TransportMeta {
         headers: p.headers().as_ref().map(convert::table_to_headers).unwrap_or_default(),
         reply_to: p.reply_to().as_ref().map(|s| s.to_string()),
         type_hint: convert::type_hint(delivery.exchange.as_str()),
+        ..TransportMeta::default()
     }
 }
 
@@ -960,6 +961,7 @@ mod tests {
             time_to_live: Some(Duration::from_millis(20)),
             reply_to: None,
             key: None,
+            session_id: None,
         };
         let p = send_properties(&message);
         assert_eq!(p.delivery_mode(), &Some(2));
