@@ -12,6 +12,7 @@
 
 mod common;
 mod servicebus_broker;
+mod tcp_relay;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,6 +26,7 @@ use fhir_pubsub::transport::servicebus::{ServiceBusOptions, ServiceBusTransport}
 use fhir_pubsub::transport::{Transport, TransportError};
 use serde_json::{Value, json};
 use servicebus_broker::{BrokerMessage, TestServiceBus};
+use tcp_relay::Relay;
 use tokio::sync::watch;
 use uuid::Uuid;
 
@@ -670,53 +672,6 @@ async fn a_broker_restart_mid_stream_loses_no_command_and_applies_none_twice() {
     assert_eq!(store.version_log().await.unwrap().len(), COMMANDS, "each command applied exactly once");
     let repeats: usize = replies.values().map(|a| a.len() - 1).sum();
     eprintln!("{COMMANDS} commands, {repeats} repeated replies after the restart");
-}
-
-/// A TCP relay to PostgreSQL that can cut every connection and refuse new ones (a database
-/// outage, as the bridge sees it), then let them in again.
-struct Relay {
-    address: std::net::SocketAddr,
-    open: Arc<std::sync::atomic::AtomicBool>,
-    cuts: Arc<watch::Sender<u64>>,
-}
-
-impl Relay {
-    async fn start(target: std::net::SocketAddr) -> Relay {
-        use std::sync::atomic::Ordering;
-        use tokio::io::AsyncWriteExt;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        let open = Arc::new(std::sync::atomic::AtomicBool::new(true));
-        let cuts = Arc::new(watch::channel(0u64).0);
-        let (is_open, generation) = (open.clone(), cuts.clone());
-        tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                if !is_open.load(Ordering::SeqCst) {
-                    let _ = inbound.shutdown().await;
-                    continue;
-                }
-                let mut cut = generation.subscribe();
-                let born = *cut.borrow();
-                tokio::spawn(async move {
-                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else { return };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                        _ = cut.wait_for(|g| *g != born) => {}
-                    }
-                });
-            }
-        });
-        Relay { address, open, cuts }
-    }
-
-    fn cut(&self) {
-        self.open.store(false, std::sync::atomic::Ordering::SeqCst);
-        self.cuts.send_modify(|g| *g += 1);
-    }
-
-    fn restore(&self) {
-        self.open.store(true, std::sync::atomic::Ordering::SeqCst);
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

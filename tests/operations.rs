@@ -10,13 +10,12 @@ mod amqp_support;
 mod bridge_process;
 mod common;
 mod event_sink;
+mod tcp_relay;
 
 use std::collections::HashSet;
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::process::Command;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bridge_process::BridgeProcess;
@@ -27,7 +26,7 @@ use lapin::options::{
 };
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use serde_json::{Value, json};
-use tokio::io::AsyncWriteExt;
+use tcp_relay::Relay;
 use uuid::Uuid;
 
 const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -313,51 +312,6 @@ async fn endpoints_report_what_the_bridge_does() {
 
     assert_eq!(bridge.terminate(), Some(0));
     client.remove().await;
-}
-
-/// A TCP relay to PostgreSQL that can cut every connection and refuse new ones, then let them in again.
-struct Relay {
-    address: SocketAddr,
-    open: Arc<AtomicBool>,
-    /// Bumped at each cut: relayed connections of an older generation end.
-    generation: Arc<tokio::sync::watch::Sender<u64>>,
-}
-
-impl Relay {
-    async fn start(target: SocketAddr) -> Relay {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        let open = Arc::new(AtomicBool::new(true));
-        let generation = Arc::new(tokio::sync::watch::channel(0u64).0);
-        let (is_open, cuts) = (open.clone(), generation.clone());
-        tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                if !is_open.load(Ordering::SeqCst) {
-                    let _ = inbound.shutdown().await;
-                    continue;
-                }
-                let mut cut = cuts.subscribe();
-                let born = *cut.borrow();
-                tokio::spawn(async move {
-                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else { return };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                        _ = cut.wait_for(|g| *g != born) => {}
-                    }
-                });
-            }
-        });
-        Relay { address, open, generation }
-    }
-
-    fn cut(&self) {
-        self.open.store(false, Ordering::SeqCst);
-        self.generation.send_modify(|g| *g += 1);
-    }
-
-    fn restore(&self) {
-        self.open.store(true, Ordering::SeqCst);
-    }
 }
 
 /// `postgres://user@host:port/db` with host and port replaced by `address`.
