@@ -1,6 +1,7 @@
 //! Change events end to end: the publisher against the real RabbitMQ, on PostgreSQL and SQLite, with a
 //! consumer bound to the two event exchanges; and the committed-changes check again over Kafka (a
-//! tansu broker of the test's own).
+//! tansu broker of the test's own) and over Service Bus (the Service Bus test double of
+//! `tests/servicebus_broker`, not Microsoft's service).
 //!
 //! The event exchanges are shared by every bridge on the broker, so each test names its resources with a
 //! tag of its own and keeps only the messages about them.
@@ -11,6 +12,8 @@ mod common;
 mod event_sink;
 #[cfg(feature = "kafka")]
 mod kafka_support;
+#[cfg(feature = "servicebus")]
+mod servicebus_broker;
 
 use std::collections::{HashMap, HashSet};
 use std::process::Command;
@@ -209,6 +212,57 @@ async fn kafka_events_equal_the_committed_changes(store: &common::TestStore) {
 }
 #[cfg(feature = "kafka")]
 both_stores!(committed_changes_on_kafka, kafka_events_equal_the_committed_changes);
+
+/// The same over Service Bus: the publisher sends to the event topics of a Service Bus test double,
+/// whose subscriptions forward to queues the sink looks into.
+#[cfg(feature = "servicebus")]
+async fn servicebus_events_equal_the_committed_changes(store: &common::TestStore) {
+    use fhir_pubsub::config::ServiceBusConnectionString;
+    use fhir_pubsub::transport::servicebus::{ServiceBusOptions, ServiceBusTransport};
+    let bus = Arc::new(servicebus_broker::TestServiceBus::start().await);
+    let ns = "Firely.Server.Contracts.Messages.V1~";
+    bus.create_queue("firelyserver");
+    for command in ["ExecuteStorePlanCommand", "RetrievePlanCommand"] {
+        bus.create_topic(&format!("{ns}{command}"));
+        bus.create_subscription(&format!("{ns}{command}"), "FirelyServer", Some("firelyserver"));
+    }
+    let queues = [
+        (MessageType::ResourcesChangedEvent, "full-events"),
+        (MessageType::ResourcesChangedLightEvent, "light-events"),
+    ];
+    for (message_type, queue) in queues {
+        let topic = format!("{ns}{}", message_type.as_str());
+        bus.create_queue(queue);
+        bus.create_topic(&topic);
+        bus.create_subscription(&topic, "test", Some(queue));
+    }
+    let connection_string = format!("{};UseDevelopmentEmulator=true", bus.connection_string());
+    let options = ServiceBusOptions {
+        connection: ServiceBusConnectionString::parse(&connection_string).expect("the test broker's connection string"),
+        connection_string,
+        application_queue_name: "FirelyServer".into(),
+        namespace_separator: "~".into(),
+        prefetch: 16,
+        use_error_queues: false,
+        full_events: true,
+        light_events: true,
+        retry_delay: Duration::from_millis(200),
+    };
+    let transport: Arc<dyn Transport> = Arc::new(ServiceBusTransport::connect(options).await.expect("Service Bus"));
+    let tag = format!("t{}", Uuid::new_v4().simple());
+    let looked_into = bus.clone();
+    let sink = EventSink::start_polling(&tag, move || {
+        queues
+            .iter()
+            .map(|(message_type, queue)| {
+                looked_into.active_messages(queue).into_iter().map(|m| (*message_type, m.body)).collect()
+            })
+            .collect()
+    });
+    check_events_equal_the_committed_changes(store, transport, &sink, &tag).await;
+}
+#[cfg(feature = "servicebus")]
+both_stores!(committed_changes_on_servicebus, servicebus_events_equal_the_committed_changes);
 
 /// Runs concurrent writers and checks the events `sink` got against the version log.
 async fn check_events_equal_the_committed_changes(

@@ -161,6 +161,34 @@ impl EventSink {
         EventSink { received, _connection: None, consumer_task: Some(consumer_task) }
     }
 
+    /// A sink fed by polling `snapshot`, which returns, per source (a queue, say), every event
+    /// message it received so far (type and body) in arrival order, never fewer than before: for a
+    /// broker the test can look into without consuming, such as the Service Bus test double.
+    pub fn start_polling<F>(tag: &str, snapshot: F) -> EventSink
+    where
+        F: Fn() -> Vec<Vec<(MessageType, Vec<u8>)>> + Send + 'static,
+    {
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let (sink, tag) = (received.clone(), tag.to_owned());
+        let consumer_task = tokio::spawn(async move {
+            let mut seen: Vec<usize> = Vec::new();
+            loop {
+                for (source, messages) in snapshot().iter().enumerate() {
+                    if seen.len() <= source {
+                        seen.resize(source + 1, 0);
+                    }
+                    for (message_type, body) in messages.iter().skip(seen[source]) {
+                        let meta = TransportMeta { type_hint: Some(*message_type), ..TransportMeta::default() };
+                        keep(&sink, &tag, body, &meta, None, None);
+                    }
+                    seen[source] = seen[source].max(messages.len());
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        EventSink { received, _connection: None, consumer_task: Some(consumer_task) }
+    }
+
     pub fn messages(&self, message_type: MessageType) -> Vec<Received> {
         self.received.lock().unwrap().iter().filter(|m| m.message_type == message_type).cloned().collect()
     }
