@@ -21,12 +21,23 @@ use crate::store::ResourceKey;
 /// Completion of an earlier command (resolves when its guard is dropped).
 pub type Done = Shared<oneshot::Receiver<()>>;
 
+/// `tails` is swept of finished commands once it holds this many resources.
+const SWEEP_AT: usize = 4096;
+
+/// Whether the command behind `done` has finished. `Shared::peek` alone is not enough: it only sees
+/// an outcome once someone polled the shared future, and most completions nobody waits for.
+fn finished(done: &Done) -> bool {
+    done.peek().is_some() || done.clone().now_or_never().is_some()
+}
+
 /// The last command to have entered for each resource.
 #[derive(Default)]
 pub struct KeyOrder {
     tails: HashMap<ResourceKey, Done>,
     /// The last command that entered exclusively, while it may still run.
     barrier: Option<Done>,
+    /// The size of `tails` at which finished commands are forgotten next.
+    next_sweep: usize,
 }
 
 impl KeyOrder {
@@ -34,11 +45,11 @@ impl KeyOrder {
     /// named twice counts once: a command never waits for itself (a retrieve plan may name one
     /// resource in several instructions).
     pub fn enter(&mut self, keys: Vec<ResourceKey>) -> (Vec<Done>, oneshot::Sender<()>) {
-        let (done, finished) = oneshot::channel();
-        let finished = finished.shared();
+        let (done, own) = oneshot::channel();
+        let own = own.shared();
         let mut waits = Vec::new();
         if let Some(barrier) = &self.barrier {
-            if barrier.peek().is_none() {
+            if !finished(barrier) {
                 waits.push(barrier.clone());
             } else {
                 self.barrier = None;
@@ -49,15 +60,17 @@ impl KeyOrder {
             if !seen.insert(key.clone()) {
                 continue;
             }
-            if let Some(previous) = self.tails.insert(key, finished.clone())
-                && previous.peek().is_none()
+            if let Some(previous) = self.tails.insert(key, own.clone())
+                && !finished(&previous)
             {
                 waits.push(previous);
             }
         }
-        // Forget finished commands now and then, so the map holds only what is in flight.
-        if self.tails.len() > 4096 {
-            self.tails.retain(|_, f| f.peek().is_none());
+        // Forget finished commands now and then, so the map holds only what is in flight (at least
+        // twice as many entries as are left between sweeps: a sweep costs O(1) per command).
+        if self.tails.len() > self.next_sweep.max(SWEEP_AT) {
+            self.tails.retain(|_, f| !finished(f));
+            self.next_sweep = self.tails.len() * 2;
         }
         (waits, done)
     }
@@ -65,16 +78,16 @@ impl KeyOrder {
     /// Registers a command whose resources are unknown: it waits for every command still in
     /// flight, and every later command waits for it.
     pub fn enter_exclusive(&mut self) -> (Vec<Done>, oneshot::Sender<()>) {
-        let (done, finished) = oneshot::channel();
-        let finished = finished.shared();
-        let mut waits: Vec<Done> = self.tails.drain().map(|(_, f)| f).filter(|f| f.peek().is_none()).collect();
+        let (done, own) = oneshot::channel();
+        let own = own.shared();
+        let mut waits: Vec<Done> = self.tails.drain().map(|(_, f)| f).filter(|f| !finished(f)).collect();
         if let Some(barrier) = self.barrier.take()
-            && barrier.peek().is_none()
+            && !finished(&barrier)
         {
             waits.push(barrier);
         }
         // Later commands wait for this one, which waits for all earlier ones: the tails can go.
-        self.barrier = Some(finished);
+        self.barrier = Some(own);
         (waits, done)
     }
 }
@@ -115,6 +128,17 @@ mod tests {
         assert!(w4[0].clone().now_or_never().is_some());
         let (w5, _g5) = order.enter(vec![ResourceKey::new("Patient", "d")]);
         assert!(w5.is_empty(), "a finished exclusive command holds nobody up");
+    }
+
+    #[test]
+    fn finished_commands_nobody_waited_for_are_forgotten() {
+        let mut order = KeyOrder::default();
+        for n in 0..10_000 {
+            let (waits, guard) = order.enter(vec![ResourceKey::new("Patient", n.to_string())]);
+            assert!(waits.is_empty());
+            drop(guard);
+        }
+        assert!(order.tails.len() <= SWEEP_AT + 1, "{} finished commands kept", order.tails.len());
     }
 
     #[test]
