@@ -474,17 +474,73 @@ async fn plans_in_one_group_commit_fail_alone(store: &common::TestStore) {
 }
 both_stores!(group_commit, plans_in_one_group_commit_fail_alone);
 
+/// A group runs as one statement per step; each plan still gets the outcome it would get alone: a
+/// command answered before is replayed, an invalid plan and one breaking a rule store nothing, the
+/// others are applied with their versions in plan order, and every new answer goes to the inbox.
+/// Plans of one group on the same resource (the bridge never groups them, a library caller may) see
+/// each other's writes in order.
+async fn a_group_gives_each_plan_its_own_outcome(store: &common::TestStore) {
+    let answered = Uuid::new_v4();
+    let earlier = json!({"instructions": [upsert("0", patient("m0", "1", "M"))]}).to_string();
+    assert_applied(&store_plan_text(&**store, &earlier, Some(answered)).await);
+    let log_before = store.version_log().await.unwrap().len();
+
+    let two = json!({"instructions": [upsert("0", patient("m2", "1", "M")), upsert("1", patient("m1", "1", "M"))]});
+    let invalid = json!({"instructions": [{"itemId": "0", "operation": "upsert"}]});
+    let breaks_rule = json!({"instructions": [upsert("0", patient("m3", "1", "M")), {"itemId": "1", "operation": "create", "resource": patient("m0", "7", "M")}]});
+    let last = json!({"instructions": [upsert("0", patient("m4", "1", "M"))]});
+    let ids: Vec<Uuid> = (0..4).map(|_| Uuid::new_v4()).collect();
+    let jobs = [
+        job(&earlier, Some(answered)),
+        job(&two.to_string(), Some(ids[0])),
+        job(&invalid.to_string(), Some(ids[1])),
+        job(&breaks_rule.to_string(), Some(ids[2])),
+        job(&last.to_string(), Some(ids[3])),
+    ];
+    let outcomes = execute_store_plans(&**store, &jobs).await.unwrap();
+    assert!(outcomes[0].replayed && outcomes[0].response.errors.is_empty(), "{:?}", outcomes[0]);
+    assert_eq!(outcomes[1].changes, 2);
+    assert_applied(&outcomes[1].response);
+    assert_eq!(outcomes[2].response.errors[0].status.details, Some(StatusDetails::BadRequestMissingResourcePayload));
+    assert_eq!(outcomes[3].response.errors.len(), 1, "{:?}", outcomes[3]);
+    assert_eq!(outcomes[3].response.errors[0].status.details, Some(StatusDetails::CreationFailedResourceAlreadyExists));
+    assert_eq!(outcomes[3].changes, 0);
+    assert_eq!(outcomes[4].changes, 1);
+    let written: Vec<String> =
+        store.version_log().await.unwrap()[log_before..].iter().map(|c| c.key.to_string()).collect();
+    assert_eq!(written, vec!["Patient/m2", "Patient/m1", "Patient/m4"]);
+    for (id, outcome) in ids.iter().zip(&outcomes[1..]) {
+        let stored = store.inbox_response(*id).await.unwrap().expect("answer in the inbox");
+        assert_eq!(serde_json::from_str::<ExecuteStorePlanResponse>(&stored).unwrap(), outcome.response);
+    }
+
+    let create = json!({"instructions": [upsert("0", patient("same", "1", "S"))]}).to_string();
+    let update = json!({"instructions": [upsert("0", patient("same", "2", "S2"))]}).to_string();
+    let outcomes = execute_store_plans(&**store, &[job(&create, None), job(&update, None)]).await.unwrap();
+    assert!(outcomes.iter().all(|o| o.response.errors.is_empty() && o.changes == 1), "{outcomes:?}");
+    let versions: Vec<(String, ChangeType)> = store
+        .version_log()
+        .await
+        .unwrap()
+        .iter()
+        .filter(|c| c.key.resource_id == "same")
+        .map(|c| (c.version_id.clone(), c.change_type))
+        .collect();
+    assert_eq!(versions, vec![("1".to_owned(), ChangeType::Create), ("2".to_owned(), ChangeType::Update)]);
+}
+both_stores!(group_outcomes, a_group_gives_each_plan_its_own_outcome);
+
 /// The bridge's group commit: 40 commands at once through one transaction slot share transactions,
 /// and each still gets its own outcome: the 30 good plans are applied, the 10 that update a missing
 /// resource get UpdateFailedResourceNotFound and store nothing, a repeated messageId is answered from
 /// the inbox.
 async fn grouped_commands_keep_their_own_outcomes(store: &common::TestStore) {
-    let group = Arc::new(GroupCommit::new(1));
     let store: Arc<dyn Store> = store.store.clone();
+    let group = GroupCommit::new(store.clone(), 1);
     let repeated = Uuid::new_v4();
     let mut tasks = Vec::new();
     for n in 0..40 {
-        let (group, store) = (group.clone(), store.clone());
+        let group = group.clone();
         tasks.push(tokio::spawn(async move {
             let plan = if n % 4 == 3 {
                 json!({"instructions": [{"itemId": "0", "operation": "update", "resource": patient(&format!("missing{n}"), "1", "M")}]})
@@ -492,7 +548,7 @@ async fn grouped_commands_keep_their_own_outcomes(store: &common::TestStore) {
                 json!({"instructions": [upsert("0", patient(&format!("p{n}"), "1", "P"))]})
             };
             let id = if n == 0 { repeated } else { Uuid::new_v4() };
-            (n, group.execute(store.as_ref(), job(&plan.to_string(), Some(id))).await.expect("store reachable"))
+            (n, group.execute(job(&plan.to_string(), Some(id))).await.expect("store reachable"))
         }));
     }
     for task in tasks {
@@ -510,7 +566,7 @@ async fn grouped_commands_keep_their_own_outcomes(store: &common::TestStore) {
     let expected: HashSet<String> = (0..40).filter(|n| n % 4 != 3).map(|n| format!("Patient/p{n}")).collect();
     assert_eq!(keys, expected);
     let plan = json!({"instructions": [upsert("0", patient("p0", "1", "P"))]}).to_string();
-    let again = group.execute(store.as_ref(), job(&plan, Some(repeated))).await.unwrap();
+    let again = group.execute(job(&plan, Some(repeated))).await.unwrap();
     assert!(again.replayed && again.changes == 0, "{again:?}");
 }
 both_stores!(bridge_group_commit, grouped_commands_keep_their_own_outcomes);

@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use fhir_pubsub::store::{
-    ChangeBatch, Claim, Current, Found, Lookup, OutboxState, PendingChange, PublisherLease, ResourceKey, Store,
-    StoreError, StoreTx, Write,
+    ChangeBatch, Claim, Found, InboxEntry, Lookup, OutboxState, PendingChange, PlanState, PublisherLease, ResourceKey,
+    Store, StoreError, StoreTx, Write,
 };
 use uuid::Uuid;
 
@@ -37,20 +37,16 @@ struct ClockedTx {
 
 #[async_trait]
 impl StoreTx for ClockedTx {
-    async fn inbox_get(&mut self, message_id: Uuid) -> Result<Option<String>, StoreError> {
-        self.inner.inbox_get(message_id).await
+    async fn read_state(
+        &mut self,
+        message_ids: &[Uuid],
+        keys: &[ResourceKey],
+        versions: &[(ResourceKey, String)],
+    ) -> Result<PlanState, StoreError> {
+        self.inner.read_state(message_ids, keys, versions).await
     }
-    async fn inbox_put(&mut self, message_id: Uuid, message_type: &str, response: &str) -> Result<(), StoreError> {
-        self.inner.inbox_put(message_id, message_type, response).await
-    }
-    async fn lock_current(&mut self, keys: &[ResourceKey]) -> Result<Vec<Option<Current>>, StoreError> {
-        self.inner.lock_current(keys).await
-    }
-    async fn versions_used(&mut self, versions: &[(ResourceKey, String)]) -> Result<Vec<bool>, StoreError> {
-        self.inner.versions_used(versions).await
-    }
-    async fn apply(&mut self, writes: &[Write]) -> Result<(), StoreError> {
-        self.inner.apply(writes).await?;
+    async fn write(&mut self, writes: &[Write], answers: &[InboxEntry<'_>]) -> Result<(), StoreError> {
+        self.inner.write(writes, answers).await?;
         for write in writes {
             if let Write::Insert(v) | Write::Update(v) = write {
                 self.written.push(format!("{}|{}", v.key, v.version_id));

@@ -1,25 +1,30 @@
-//! Group commit: store plans handled at the same time share one SQL transaction, each in its own
-//! savepoint ([`plan::execute_store_plans`]), so a burst of commands pays for one commit instead of
-//! one each (on SQLite with `synchronous=FULL` that is one disk flush for the whole group).
+//! Group commit: store plans handled at the same time share one SQL transaction
+//! ([`plan::execute_store_plans`]), so a burst of commands pays for one commit, and one statement per
+//! step, instead of one each (on SQLite with `synchronous=FULL` that is one disk flush for the group).
 //!
-//! Leader/follower, with no timer and no task of its own: a command puts its plan in the queue and
-//! waits for either its outcome or a commit slot; whoever gets a slot takes everything queued (up to
-//! [`MAX_GROUP_INSTRUCTIONS`]) and commits it, then hands each command its outcome. A command that
-//! arrives alone commits alone, at once: grouping adds no latency, it only forms under load.
+//! A command puts its plan in the queue and waits for its outcome. Committing is done by leader
+//! tasks, at most `transactions` at a time: a command that finds fewer leaders running starts one.
+//! A leader takes everything queued (up to [`MAX_GROUP_INSTRUCTIONS`]), commits it, hands each
+//! command its outcome, and goes on while plans are queued. A command that arrives alone commits
+//! alone, at once: grouping adds no latency, it only forms under load. Waiting commands do nothing
+//! until their outcome arrives (no polling of commit slots).
 //!
 //! Invariants:
 //! - a command learns its outcome only after the transaction holding its plan committed (or failed);
+//! - whenever a plan is queued, a leader is running that will take it: a leader stops only after
+//!   finding the queue empty, under the same lock under which a command queues its plan and counts
+//!   the leaders;
 //! - two commands on the same resource are never in one group: the bridge's [`super::KeyOrder`] keeps
 //!   the second waiting until the first is done;
-//! - one plan's failure never fails another: rule violations and rejected data stay in the plan's
-//!   savepoint, and if a group fails as a whole for another reason (not an outage or a lost race,
-//!   which every command retries anyway) each of its plans is run again alone, so only the plan that
-//!   causes the failure gets it.
+//! - one plan's failure never fails another: rule violations and rejected data stay with their plan,
+//!   and if a group fails as a whole for another reason (not an outage or a lost race, which every
+//!   command retries anyway) each of its plans is run again alone, so only the plan that causes the
+//!   failure gets it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
-use tokio::sync::{Semaphore, oneshot};
+use tokio::sync::oneshot;
 
 use crate::plan::{self, PlanOutcome, StoreJob};
 use crate::store::{Store, StoreError};
@@ -29,23 +34,31 @@ pub const MAX_GROUP_INSTRUCTIONS: usize = 2000;
 
 type Waiting = (StoreJob, oneshot::Sender<Result<PlanOutcome, StoreError>>);
 
-/// The queue of plans waiting for a commit, and the commit slots.
+/// The queue of plans waiting for a commit, and the leaders committing them.
 pub struct GroupCommit {
-    queue: Mutex<Vec<Waiting>>,
+    store: Arc<dyn Store>,
+    state: Mutex<State>,
     /// Transactions that may run at once.
-    slots: Semaphore,
+    transactions: usize,
     /// Groups committed so far (one transaction each, retries aside).
     groups: AtomicU64,
 }
 
+#[derive(Default)]
+struct State {
+    queue: Vec<Waiting>,
+    leaders: usize,
+}
+
 impl GroupCommit {
     /// `transactions`: how many groups may commit at the same time (at least 1).
-    pub fn new(transactions: usize) -> Self {
-        GroupCommit {
-            queue: Mutex::new(Vec::new()),
-            slots: Semaphore::new(transactions.max(1)),
+    pub fn new(store: Arc<dyn Store>, transactions: usize) -> Arc<Self> {
+        Arc::new(GroupCommit {
+            store,
+            state: Mutex::default(),
+            transactions: transactions.max(1),
             groups: AtomicU64::new(0),
-        }
+        })
     }
 
     /// How many groups were committed (or failed) so far.
@@ -54,51 +67,64 @@ impl GroupCommit {
     }
 
     /// Executes `job` in the next group to commit and returns its outcome.
-    pub async fn execute(&self, store: &dyn Store, job: StoreJob) -> Result<PlanOutcome, StoreError> {
-        let (sender, mut outcome) = oneshot::channel();
-        self.lock().push((job, sender));
+    pub async fn execute(self: &Arc<Self>, job: StoreJob) -> Result<PlanOutcome, StoreError> {
+        let (sender, outcome) = oneshot::channel();
+        let lead = {
+            let mut state = self.lock();
+            state.queue.push((job, sender));
+            let lead = state.leaders < self.transactions;
+            if lead {
+                state.leaders += 1;
+            }
+            lead
+        };
+        if lead {
+            // A task of its own: the commit goes on even if this command is abandoned, and this
+            // command's reply does not wait for the groups the leader commits after its own.
+            tokio::spawn(self.clone().lead());
+        }
+        // The leader holding our plan was dropped mid-transaction (the runtime is shutting down):
+        // nothing of it committed unless the inbox says so on the redelivery.
+        outcome
+            .await
+            .unwrap_or_else(|_| Err(StoreError::Unavailable("the transaction holding this plan was abandoned".into())))
+    }
+
+    /// Commits groups while plans are queued.
+    async fn lead(self: Arc<Self>) {
         loop {
-            tokio::select! {
-                biased;
-                result = &mut outcome => {
-                    // The leader holding our plan was dropped mid-transaction: nothing of it committed
-                    // unless the inbox says so on the redelivery.
-                    return result.unwrap_or_else(|_| Err(StoreError::Unavailable("the transaction holding this plan was abandoned".into())));
+            let group = {
+                let mut state = self.lock();
+                let group = take_group(&mut state.queue);
+                if group.is_empty() {
+                    state.leaders -= 1;
+                    return;
                 }
-                slot = self.slots.acquire() => {
-                    let Ok(_slot) = slot else {
-                        return Err(StoreError::Unavailable("the group commit is closed".into()));
-                    };
-                    let group = self.take_group();
-                    if !group.is_empty() {
-                        self.groups.fetch_add(1, Ordering::Relaxed);
-                        commit_group(store, group).await;
-                    }
-                    // Our plan was in this group or in another leader's: its outcome comes next.
-                }
-            }
+                group
+            };
+            self.groups.fetch_add(1, Ordering::Relaxed);
+            commit_group(self.store.as_ref(), group).await;
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Waiting>> {
-        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
+}
 
-    /// Takes the oldest waiting plans, up to MAX_GROUP_INSTRUCTIONS instructions (at least one plan).
-    fn take_group(&self) -> Vec<Waiting> {
-        let mut queue = self.lock();
-        let mut instructions = 0;
-        let mut count = 0;
-        for (job, _) in queue.iter() {
-            let size = job.plan.as_ref().map(Vec::len).unwrap_or(0).max(1);
-            if count > 0 && instructions + size > MAX_GROUP_INSTRUCTIONS {
-                break;
-            }
-            instructions += size;
-            count += 1;
+/// Takes the oldest waiting plans, up to MAX_GROUP_INSTRUCTIONS instructions (at least one plan).
+fn take_group(queue: &mut Vec<Waiting>) -> Vec<Waiting> {
+    let mut instructions = 0;
+    let mut count = 0;
+    for (job, _) in queue.iter() {
+        let size = job.plan.as_ref().map(Vec::len).unwrap_or(0).max(1);
+        if count > 0 && instructions + size > MAX_GROUP_INSTRUCTIONS {
+            break;
         }
-        queue.drain(..count).collect()
+        instructions += size;
+        count += 1;
     }
+    queue.drain(..count).collect()
 }
 
 async fn commit_group(store: &dyn Store, group: Vec<Waiting>) {

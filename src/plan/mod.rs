@@ -2,8 +2,9 @@
 //! outcome to a Firely status.
 //!
 //! Invariants:
-//! - a store plan is all or nothing: it runs in its own savepoint, and any failing instruction rolls
-//!   the whole plan back (the response names every failing instruction);
+//! - a store plan is all or nothing: every rule is checked against the locked state before any of
+//!   its writes, so a failing instruction leaves nothing written (the response names every failing
+//!   instruction); data the database refuses is undone by the plan's savepoint;
 //! - several plans may share one SQL transaction (group commit); one plan's failure never affects
 //!   another's, and the effect of all of them is durable only when [`execute_store_plans`] returns `Ok`;
 //! - a plan whose messageId is in the inbox is not applied again; its stored response is returned;
@@ -12,6 +13,7 @@
 
 mod validate;
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -24,7 +26,7 @@ use crate::contracts::{
     ExecuteStorePlanResponse, ItemError, MessageType, Operation, RetrieveItem, RetrievePlanResponse, Status,
     StatusDetails,
 };
-use crate::store::{Current, Found, Lookup, NewVersion, ResourceKey, Store, StoreError, StoreTx, Write};
+use crate::store::{Current, Found, InboxEntry, Lookup, NewVersion, ResourceKey, Store, StoreError, StoreTx, Write};
 
 /// One store plan to execute.
 #[derive(Debug, Clone)]
@@ -48,15 +50,19 @@ pub struct PlanOutcome {
 /// How often a transaction that lost a race is run again before the error is returned.
 const MAX_CONFLICT_RETRIES: u32 = 12;
 
-/// Executes store plans in one transaction, each in its own savepoint, and commits.
+/// Executes store plans in one transaction and commits.
+///
+/// Plans that share no resource and no messageId run together: one read of their state and one
+/// write of their changes and answers, whatever the group's size, since the rules are checked
+/// before anything is written. Otherwise, or when the database refuses some plan's data, each plan
+/// runs after the other in a savepoint of its own, so that one plan's refusal spares the others.
 pub async fn execute_store_plans(store: &dyn Store, jobs: &[StoreJob]) -> Result<Vec<PlanOutcome>, StoreError> {
-    // A plan alone in its transaction needs no savepoint (two round trips fewer): a rule violation is
-    // found before anything is written. Only data the database refuses aborts the transaction; the
-    // plan then runs again inside a savepoint, so the refusal can be recorded in the inbox.
-    let mut savepoints = jobs.len() > 1;
+    let mut savepoints = !independent(jobs);
     let mut attempt = 0;
     loop {
         match try_execute(store, jobs, savepoints).await {
+            // Only data the database refuses aborts the transaction; the plans then run again each in a
+            // savepoint, so the refusal can be recorded in the inbox.
             Err(StoreError::Rejected(_)) if !savepoints => savepoints = true,
             Err(e) if e.is_conflict() && attempt < MAX_CONFLICT_RETRIES => {
                 attempt += 1;
@@ -71,59 +77,141 @@ pub async fn execute_store_plans(store: &dyn Store, jobs: &[StoreJob]) -> Result
     }
 }
 
-/// Runs `jobs` in one transaction, each in a savepoint when `savepoints` (without, a plan whose data
-/// the database refuses fails the whole transaction with [`StoreError::Rejected`]).
+/// Whether no two plans touch the same resource or carry the same messageId (the bridge's ordering
+/// keeps such plans out of one group, but callers of the library may not).
+fn independent(jobs: &[StoreJob]) -> bool {
+    if jobs.len() < 2 {
+        return true;
+    }
+    let mut ids = HashSet::new();
+    let mut keys = HashSet::new();
+    jobs.iter().all(|job| {
+        job.message_id.is_none_or(|id| ids.insert(id))
+            && job.plan.as_ref().map_or(true, |plan| plan.iter().all(|ins| keys.insert(&ins.key)))
+    })
+}
+
+/// Runs `jobs` in one transaction: all at once, or each in a savepoint when `savepoints` (without,
+/// a plan whose data the database refuses fails the whole transaction with [`StoreError::Rejected`]).
 async fn try_execute(store: &dyn Store, jobs: &[StoreJob], savepoints: bool) -> Result<Vec<PlanOutcome>, StoreError> {
     let mut tx = store.begin().await?;
-    let mut outcomes = Vec::with_capacity(jobs.len());
-    for job in jobs {
-        if savepoints {
-            tx.savepoint().await?;
-        }
-        if let Some(id) = job.message_id
-            && let Some(stored) = tx.inbox_get(id).await?
-        {
-            if savepoints {
-                tx.release_savepoint().await?;
-            }
-            outcomes.push(PlanOutcome { response: stored_response(&stored), replayed: true, changes: 0 });
-            continue;
-        }
-        let (response, changes) = match &job.plan {
-            Err(errors) => (ExecuteStorePlanResponse { errors: errors.clone() }, 0),
-            Ok(instructions) => match apply_plan(tx.as_mut(), instructions).await {
-                Ok(Ok(changes)) => (ExecuteStorePlanResponse::default(), changes),
-                Ok(Err(errors)) => {
-                    // Nothing was written (the rules are checked first); the savepoint, if any, goes.
-                    if savepoints {
-                        tx.rollback_to_savepoint().await?;
-                    }
-                    (ExecuteStorePlanResponse { errors }, 0)
-                }
-                Err(StoreError::Rejected(reason)) if savepoints => {
-                    // The database refused this plan's data; the other plans of the group go on.
-                    tx.rollback_to_savepoint().await?;
-                    let error = ItemError::new(
-                        None,
-                        StatusDetails::BadRequestWrongPayloadFormat,
-                        format!("The database refused the plan's data: {reason}"),
-                    );
-                    (ExecuteStorePlanResponse { errors: vec![error] }, 0)
-                }
-                Err(e) => return Err(e),
-            },
-        };
-        if let Some(id) = job.message_id {
-            let text = serde_json::to_string(&response).map_err(|e| StoreError::Database(e.to_string()))?;
-            tx.inbox_put(id, MessageType::ExecuteStorePlanCommand.as_str(), &text).await?;
-        }
-        if savepoints {
-            tx.release_savepoint().await?;
-        }
-        outcomes.push(PlanOutcome { response, replayed: false, changes });
-    }
+    let outcomes =
+        if savepoints { each_in_savepoint(tx.as_mut(), jobs).await? } else { all_at_once(tx.as_mut(), jobs).await? };
     tx.commit().await?;
     Ok(outcomes)
+}
+
+/// Independent plans, read and written together: one read of the state for all of them, one
+/// write of all their changes and answers.
+async fn all_at_once(tx: &mut dyn StoreTx, jobs: &[StoreJob]) -> Result<Vec<PlanOutcome>, StoreError> {
+    let ids: Vec<Uuid> = jobs.iter().filter_map(|job| job.message_id).collect();
+    let valid = || jobs.iter().filter_map(|job| job.plan.as_ref().ok()).flatten();
+    let keys: Vec<ResourceKey> = valid().map(|ins| ins.key.clone()).collect();
+    let versions: Vec<(ResourceKey, String)> = valid().filter_map(new_version).collect();
+    let state = tx.read_state(&ids, &keys, &versions).await?;
+    let (mut answers, mut current, mut used) =
+        (state.answers.into_iter(), state.current.into_iter(), state.used.into_iter());
+    let mut outcomes = Vec::with_capacity(jobs.len());
+    let mut writes = Vec::new();
+    for job in jobs {
+        let answered = if job.message_id.is_some() { answers.next().flatten() } else { None };
+        // A plan's share of the state is taken even when it is answered from the inbox.
+        let decided = job.plan.as_ref().map(|plan| decide_plan(plan, &mut current, &mut used));
+        outcomes.push(match (answered, decided) {
+            (Some(text), _) => PlanOutcome { response: stored_response(&text), replayed: true, changes: 0 },
+            (None, Err(errors)) => not_applied(errors.clone()),
+            (None, Ok(Err(errors))) => not_applied(errors),
+            (None, Ok(Ok(plan_writes))) => {
+                let changes = plan_writes.len();
+                writes.extend(plan_writes);
+                PlanOutcome { response: ExecuteStorePlanResponse::default(), replayed: false, changes }
+            }
+        });
+    }
+    let texts = new_answers(jobs, &outcomes)?;
+    tx.write(&writes, &inbox_entries(&texts)).await?;
+    Ok(outcomes)
+}
+
+/// Plans one after the other, each in a savepoint: a plan whose data the database refuses is
+/// answered with that refusal, and the others go on.
+async fn each_in_savepoint(tx: &mut dyn StoreTx, jobs: &[StoreJob]) -> Result<Vec<PlanOutcome>, StoreError> {
+    let mut outcomes = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        tx.savepoint().await?;
+        let ids: Vec<Uuid> = job.message_id.into_iter().collect();
+        let plan = job.plan.as_deref().unwrap_or_default();
+        let keys: Vec<ResourceKey> = plan.iter().map(|ins| ins.key.clone()).collect();
+        let versions: Vec<(ResourceKey, String)> = plan.iter().filter_map(new_version).collect();
+        let state = tx.read_state(&ids, &keys, &versions).await?;
+        if let Some(Some(text)) = state.answers.into_iter().next() {
+            tx.release_savepoint().await?;
+            outcomes.push(PlanOutcome { response: stored_response(&text), replayed: true, changes: 0 });
+            continue;
+        }
+        let decided = match &job.plan {
+            Err(errors) => Err(errors.clone()),
+            Ok(plan) => decide_plan(plan, &mut state.current.into_iter(), &mut state.used.into_iter()),
+        };
+        let (mut outcome, writes) = match decided {
+            Ok(writes) => {
+                let changes = writes.len();
+                (PlanOutcome { response: ExecuteStorePlanResponse::default(), replayed: false, changes }, writes)
+            }
+            Err(errors) => (not_applied(errors), Vec::new()),
+        };
+        let answer = new_answers(std::slice::from_ref(job), std::slice::from_ref(&outcome))?;
+        match tx.write(&writes, &inbox_entries(&answer)).await {
+            Ok(()) => {}
+            Err(StoreError::Rejected(reason)) => {
+                // The database refused this plan's data; the other plans of the group go on.
+                tx.rollback_to_savepoint().await?;
+                outcome = not_applied(vec![ItemError::new(
+                    None,
+                    StatusDetails::BadRequestWrongPayloadFormat,
+                    format!("The database refused the plan's data: {reason}"),
+                )]);
+                let answer = new_answers(std::slice::from_ref(job), std::slice::from_ref(&outcome))?;
+                tx.write(&[], &inbox_entries(&answer)).await?;
+            }
+            Err(e) => return Err(e),
+        }
+        tx.release_savepoint().await?;
+        outcomes.push(outcome);
+    }
+    Ok(outcomes)
+}
+
+fn not_applied(errors: Vec<ItemError>) -> PlanOutcome {
+    PlanOutcome { response: ExecuteStorePlanResponse { errors }, replayed: false, changes: 0 }
+}
+
+/// The inbox texts of the plans not answered before: (messageId, response).
+fn new_answers(jobs: &[StoreJob], outcomes: &[PlanOutcome]) -> Result<Vec<(Uuid, String)>, StoreError> {
+    let mut answers = Vec::new();
+    for (job, outcome) in jobs.iter().zip(outcomes) {
+        if let Some(id) = job.message_id
+            && !outcome.replayed
+        {
+            answers.push((id, response_text(&outcome.response)?));
+        }
+    }
+    Ok(answers)
+}
+
+fn response_text(response: &ExecuteStorePlanResponse) -> Result<String, StoreError> {
+    serde_json::to_string(response).map_err(|e| StoreError::Database(e.to_string()))
+}
+
+fn inbox_entries(answers: &[(Uuid, String)]) -> Vec<InboxEntry<'_>> {
+    answers
+        .iter()
+        .map(|(id, response)| InboxEntry {
+            message_id: *id,
+            message_type: MessageType::ExecuteStorePlanCommand.as_str(),
+            response,
+        })
+        .collect()
 }
 
 fn stored_response(text: &str) -> ExecuteStorePlanResponse {
@@ -136,22 +224,24 @@ fn stored_response(text: &str) -> ExecuteStorePlanResponse {
     })
 }
 
-/// Applies one plan inside the open transaction. `Ok(Err(..))` is a rule violation (the caller
-/// rolls back to the savepoint); `Ok(Ok(n))` means `n` changes were written.
-async fn apply_plan(
-    tx: &mut dyn StoreTx,
-    plan: &[ValidInstruction],
-) -> Result<Result<usize, Vec<ItemError>>, StoreError> {
-    let keys: Vec<ResourceKey> = plan.iter().map(|i| i.key.clone()).collect();
-    let current = tx.lock_current(&keys).await?;
-    let new_versions: Vec<(ResourceKey, String)> =
-        plan.iter().filter_map(|i| i.version.as_ref().map(|v| (i.key.clone(), v.version_id.clone()))).collect();
-    let mut used = tx.versions_used(&new_versions).await?.into_iter();
+/// The version an instruction would write, for the versions-used check.
+fn new_version(ins: &ValidInstruction) -> Option<(ResourceKey, String)> {
+    ins.version.as_ref().map(|v| (ins.key.clone(), v.version_id.clone()))
+}
 
+/// The writes of one plan, or every instruction that breaks a rule. `current` yields the locked
+/// state of each instruction's resource, `used` whether each new version was used before, both in
+/// plan order; exactly this plan's share of each is taken.
+fn decide_plan(
+    plan: &[ValidInstruction],
+    current: &mut impl Iterator<Item = Option<Current>>,
+    used: &mut impl Iterator<Item = bool>,
+) -> Result<Vec<Write>, Vec<ItemError>> {
     let mut errors = Vec::new();
     let mut writes = Vec::new();
-    for (ins, current) in plan.iter().zip(current) {
-        let version_used = if ins.version.is_some() { used.next().unwrap_or(false) } else { false };
+    for ins in plan {
+        let current = current.next().flatten();
+        let version_used = ins.version.is_some() && used.next().unwrap_or(false);
         match decide(ins, current.as_ref(), version_used) {
             Decision::Write(w) => writes.push(w),
             Decision::Nothing => {}
@@ -160,11 +250,7 @@ async fn apply_plan(
             }
         }
     }
-    if !errors.is_empty() {
-        return Ok(Err(errors));
-    }
-    tx.apply(&writes).await?;
-    Ok(Ok(writes.len()))
+    if errors.is_empty() { Ok(writes) } else { Err(errors) }
 }
 
 enum Decision {

@@ -75,6 +75,22 @@ pub enum Write {
     Delete(ResourceKey),
 }
 
+/// What [`StoreTx::read_state`] found, in the order asked.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PlanState {
+    pub answers: Vec<Option<String>>,
+    pub current: Vec<Option<Current>>,
+    pub used: Vec<bool>,
+}
+
+/// A processed command and its response, for the inbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InboxEntry<'a> {
+    pub message_id: Uuid,
+    pub message_type: &'a str,
+    pub response: &'a str,
+}
+
 /// What a retrieve asks for: the current version, or one version by id.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lookup {
@@ -241,17 +257,19 @@ pub(crate) fn classify(e: sqlx::Error) -> StoreError {
 /// An open transaction. Dropping it without [`StoreTx::commit`] rolls it back.
 #[async_trait]
 pub trait StoreTx: Send {
-    /// The response stored for a command messageId, if that command was already processed.
-    async fn inbox_get(&mut self, message_id: Uuid) -> Result<Option<String>, StoreError>;
-    /// Records a processed command and its response.
-    async fn inbox_put(&mut self, message_id: Uuid, message_type: &str, response: &str) -> Result<(), StoreError>;
-    /// The current version of each key (`None` when absent or deleted), in the order given, locking
-    /// the rows that exist until the transaction ends.
-    async fn lock_current(&mut self, keys: &[ResourceKey]) -> Result<Vec<Option<Current>>, StoreError>;
-    /// For each (key, versionId): whether that version was ever written for that resource.
-    async fn versions_used(&mut self, versions: &[(ResourceKey, String)]) -> Result<Vec<bool>, StoreError>;
-    /// Applies the writes in order; their changes are recorded in that order.
-    async fn apply(&mut self, writes: &[Write]) -> Result<(), StoreError>;
+    /// What the rules need to decide plans, read in one step: for each command messageId, the
+    /// response stored for it if that command was already processed; the current version of each
+    /// key (`None` when absent or deleted), locking the rows that exist until the transaction ends;
+    /// and for each (key, versionId) whether that version was ever written. Each in the order given.
+    async fn read_state(
+        &mut self,
+        message_ids: &[Uuid],
+        keys: &[ResourceKey],
+        versions: &[(ResourceKey, String)],
+    ) -> Result<PlanState, StoreError>;
+    /// Applies the writes in order (their changes are recorded in that order) and records the
+    /// processed commands' responses (distinct messageIds).
+    async fn write(&mut self, writes: &[Write], answers: &[InboxEntry<'_>]) -> Result<(), StoreError>;
     /// Starts a savepoint (one per plan in a group commit).
     async fn savepoint(&mut self) -> Result<(), StoreError>;
     /// Undoes everything since the savepoint, which stays open.

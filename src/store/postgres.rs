@@ -17,8 +17,8 @@ use tokio::sync::Notify;
 use uuid::Uuid;
 
 use super::{
-    ChangeBatch, Claim, Current, Found, Lookup, NewVersion, OutboxState, PendingChange, PublisherLease, ResourceKey,
-    Store, StoreError, StoreTx, Write, change_type, classify,
+    ChangeBatch, Claim, Current, Found, InboxEntry, Lookup, NewVersion, OutboxState, PendingChange, PlanState,
+    PublisherLease, ResourceKey, Store, StoreError, StoreTx, Write, change_type, classify,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
@@ -40,8 +40,12 @@ impl PostgresStore {
         let options: PgConnectOptions = url.parse().map_err(|e: sqlx::Error| StoreError::InvalidUrl(e.to_string()))?;
         // Marks the bridge's own writes: the change trigger skips NOTIFY for them (migration 0003).
         let options = options.options([("fhir_pubsub.writer", "bridge")]);
+        // No ping before each use of a pooled connection (a round trip per transaction): sqlx
+        // already tests a connection when it goes back to the pool, and one lost in between fails
+        // its statement as unavailable, so the command is delivered again.
         let pool = PgPoolOptions::new()
             .max_connections(16)
+            .test_before_acquire(false)
             .acquire_timeout(Duration::from_secs(10))
             .connect_with(options.clone())
             .await
@@ -329,81 +333,81 @@ struct PgTx {
 
 #[async_trait]
 impl StoreTx for PgTx {
-    async fn inbox_get(&mut self, message_id: Uuid) -> Result<Option<String>, StoreError> {
-        sqlx::query_scalar("SELECT response FROM inbox WHERE message_id = $1")
-            .bind(message_id)
-            .fetch_optional(&mut *self.tx)
-            .await
-            .map_err(classify)
-    }
-
-    async fn inbox_put(&mut self, message_id: Uuid, message_type: &str, response: &str) -> Result<(), StoreError> {
-        sqlx::query("INSERT INTO inbox (message_id, message_type, response) VALUES ($1, $2, $3)")
-            .bind(message_id)
-            .bind(message_type)
-            .bind(response)
-            .execute(&mut *self.tx)
+    async fn read_state(
+        &mut self,
+        message_ids: &[Uuid],
+        keys: &[ResourceKey],
+        versions: &[(ResourceKey, String)],
+    ) -> Result<PlanState, StoreError> {
+        // One statement, one round trip. Rows are locked in key order so that concurrent plans
+        // rarely deadlock. `part` says which question a row answers, `ord` for which item (1-based).
+        // Each part probes its table once per item through a LATERAL subquery that the planner
+        // cannot flatten (OFFSET 0): always an index lookup, whatever the statistics say (a join
+        // with the unnested arrays may otherwise be planned as a scan of a whole table, and the
+        // inbox and the version log only grow). Rows are locked in key order, so that concurrent
+        // plans rarely deadlock.
+        const READ_STATE: &str = "WITH answered AS ( \
+                 SELECT k.ord, a.response FROM unnest($1::uuid[]) WITH ORDINALITY AS k(id, ord) \
+                 CROSS JOIN LATERAL (SELECT response FROM inbox WHERE message_id = k.id OFFSET 0) a), \
+             locked AS MATERIALIZED ( \
+                 SELECT k.ord, r.version_id, r.body \
+                 FROM (SELECT * FROM unnest($2::text[], $3::text[]) WITH ORDINALITY AS u(t, i, ord) ORDER BY t, i) k \
+                 CROSS JOIN LATERAL (SELECT version_id, body FROM resources \
+                                     WHERE resource_type = k.t AND resource_id = k.i FOR UPDATE OFFSET 0) r), \
+             used AS ( \
+                 SELECT k.ord FROM unnest($4::text[], $5::text[], $6::text[]) WITH ORDINALITY AS k(t, i, v, ord) \
+                 CROSS JOIN LATERAL (SELECT 1 FROM resource_versions WHERE resource_type = k.t AND resource_id = k.i \
+                                     AND version_id = k.v AND change_type <> 'delete' LIMIT 1 OFFSET 0) u) \
+             SELECT 0 AS part, ord, response AS version_id, NULL::text AS body FROM answered \
+             UNION ALL SELECT 1, ord, version_id, body FROM locked \
+             UNION ALL SELECT 2, ord, NULL, NULL FROM used";
+        let mut state = PlanState {
+            answers: vec![None; message_ids.len()],
+            current: vec![None; keys.len()],
+            used: vec![false; versions.len()],
+        };
+        if message_ids.is_empty() && keys.is_empty() && versions.is_empty() {
+            return Ok(state);
+        }
+        let rows: Vec<(i32, i64, Option<String>, Option<String>)> = sqlx::query_as(READ_STATE)
+            .bind(message_ids)
+            .bind(keys.iter().map(|k| k.resource_type.as_str()).collect::<Vec<_>>())
+            .bind(keys.iter().map(|k| k.resource_id.as_str()).collect::<Vec<_>>())
+            .bind(versions.iter().map(|(k, _)| k.resource_type.as_str()).collect::<Vec<_>>())
+            .bind(versions.iter().map(|(k, _)| k.resource_id.as_str()).collect::<Vec<_>>())
+            .bind(versions.iter().map(|(_, v)| v.as_str()).collect::<Vec<_>>())
+            .fetch_all(&mut *self.tx)
             .await
             .map_err(classify)?;
-        Ok(())
-    }
-
-    async fn lock_current(&mut self, keys: &[ResourceKey]) -> Result<Vec<Option<Current>>, StoreError> {
-        let types: Vec<&str> = keys.iter().map(|k| k.resource_type.as_str()).collect();
-        let ids: Vec<&str> = keys.iter().map(|k| k.resource_id.as_str()).collect();
-        let rows = sqlx::query(
-            "SELECT k.ord, r.version_id, r.body \
-             FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS k(t, i, ord) \
-             JOIN resources r ON r.resource_type = k.t AND r.resource_id = k.i \
-             ORDER BY r.resource_type, r.resource_id FOR UPDATE OF r",
-        )
-        .bind(&types)
-        .bind(&ids)
-        .fetch_all(&mut *self.tx)
-        .await
-        .map_err(classify)?;
-        let mut out = vec![None; keys.len()];
-        for row in rows {
-            let ord: i64 = row.try_get("ord").map_err(classify)?;
-            if let Some(slot) = usize::try_from(ord - 1).ok().and_then(|i| out.get_mut(i)) {
-                *slot = Some(Current {
-                    version_id: row.try_get("version_id").map_err(classify)?,
-                    body: row.try_get("body").map_err(classify)?,
-                });
+        for (part, ord, first, second) in rows {
+            let Ok(index) = usize::try_from(ord - 1) else { continue };
+            match part {
+                0 => {
+                    if let Some(slot) = state.answers.get_mut(index) {
+                        *slot = first;
+                    }
+                }
+                1 => {
+                    if let (Some(slot), Some(version_id), Some(body)) = (state.current.get_mut(index), first, second) {
+                        *slot = Some(Current { version_id, body });
+                    }
+                }
+                _ => {
+                    if let Some(slot) = state.used.get_mut(index) {
+                        *slot = true;
+                    }
+                }
             }
         }
-        Ok(out)
+        Ok(state)
     }
 
-    async fn versions_used(&mut self, versions: &[(ResourceKey, String)]) -> Result<Vec<bool>, StoreError> {
-        let types: Vec<&str> = versions.iter().map(|(k, _)| k.resource_type.as_str()).collect();
-        let ids: Vec<&str> = versions.iter().map(|(k, _)| k.resource_id.as_str()).collect();
-        let vids: Vec<&str> = versions.iter().map(|(_, v)| v.as_str()).collect();
-        let used: Vec<i64> = sqlx::query_scalar(
-            "SELECT k.ord FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS k(t, i, v, ord) \
-             WHERE EXISTS (SELECT 1 FROM resource_versions rv WHERE rv.resource_type = k.t \
-                           AND rv.resource_id = k.i AND rv.version_id = k.v AND rv.change_type <> 'delete')",
-        )
-        .bind(&types)
-        .bind(&ids)
-        .bind(&vids)
-        .fetch_all(&mut *self.tx)
-        .await
-        .map_err(classify)?;
-        let mut out = vec![false; versions.len()];
-        for ord in used {
-            if let Some(slot) = usize::try_from(ord - 1).ok().and_then(|i| out.get_mut(i)) {
-                *slot = true;
-            }
-        }
-        Ok(out)
-    }
-
-    async fn apply(&mut self, writes: &[Write]) -> Result<(), StoreError> {
-        // Consecutive writes of one kind go in one statement; ORDER BY ord makes the trigger see
+    async fn write(&mut self, writes: &[Write], answers: &[InboxEntry<'_>]) -> Result<(), StoreError> {
+        // Consecutive writes of one kind go in one statement; ORDER BY ord makes the triggers see
         // them in plan order. Updates go through INSERT … ON CONFLICT because that, unlike
         // UPDATE … FROM, processes rows in the order given; their rows are locked by this
-        // transaction, so the conflict path is always taken.
+        // transaction, so the conflict path is always taken. The answers ride with the last
+        // statement (a statement of their own when nothing is written).
         const INSERT: &str = "INSERT INTO resources (resource_type, resource_id, version_id, last_updated, body) \
              SELECT t, i, v, l, b FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[]) \
                   WITH ORDINALITY AS u(t, i, v, l, b, ord) ORDER BY ord";
@@ -412,11 +416,30 @@ impl StoreTx for PgTx {
                   WITH ORDINALITY AS u(t, i, v, l, b, ord) ORDER BY ord \
              ON CONFLICT (resource_type, resource_id) DO UPDATE SET \
                  version_id = EXCLUDED.version_id, last_updated = EXCLUDED.last_updated, body = EXCLUDED.body";
+        const DELETE: &str = "DELETE FROM resources WHERE resource_type = $1 AND resource_id = $2";
+        const INSERT_WITH_ANSWERS: &str = "WITH answers AS (INSERT INTO inbox (message_id, message_type, response) \
+                 SELECT * FROM unnest($6::uuid[], $7::text[], $8::text[])) \
+             INSERT INTO resources (resource_type, resource_id, version_id, last_updated, body) \
+             SELECT t, i, v, l, b FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[]) \
+                  WITH ORDINALITY AS u(t, i, v, l, b, ord) ORDER BY ord";
+        const UPDATE_WITH_ANSWERS: &str = "WITH answers AS (INSERT INTO inbox (message_id, message_type, response) \
+                 SELECT * FROM unnest($6::uuid[], $7::text[], $8::text[])) \
+             INSERT INTO resources (resource_type, resource_id, version_id, last_updated, body) \
+             SELECT t, i, v, l, b FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[]) \
+                  WITH ORDINALITY AS u(t, i, v, l, b, ord) ORDER BY ord \
+             ON CONFLICT (resource_type, resource_id) DO UPDATE SET \
+                 version_id = EXCLUDED.version_id, last_updated = EXCLUDED.last_updated, body = EXCLUDED.body";
+        const ANSWERS: &str = "INSERT INTO inbox (message_id, message_type, response) \
+             SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[])";
+        let answer_ids: Vec<Uuid> = answers.iter().map(|a| a.message_id).collect();
+        let answer_types: Vec<&str> = answers.iter().map(|a| a.message_type).collect();
+        let answer_texts: Vec<&str> = answers.iter().map(|a| a.response).collect();
+        let mut answered = answers.is_empty();
         let mut i = 0;
         while i < writes.len() {
-            let (sql, run): (&'static str, Vec<&NewVersion>) = match &writes[i] {
+            let run: Vec<&NewVersion> = match &writes[i] {
                 Write::Delete(key) => {
-                    sqlx::query("DELETE FROM resources WHERE resource_type = $1 AND resource_id = $2")
+                    sqlx::query(DELETE)
                         .bind(&key.resource_type)
                         .bind(&key.resource_id)
                         .execute(&mut *self.tx)
@@ -425,35 +448,48 @@ impl StoreTx for PgTx {
                     i += 1;
                     continue;
                 }
-                Write::Insert(_) => (
-                    INSERT,
-                    writes[i..]
-                        .iter()
-                        .map_while(|w| match w {
-                            Write::Insert(v) => Some(v),
-                            _ => None,
-                        })
-                        .collect(),
-                ),
-                Write::Update(_) => (
-                    UPDATE,
-                    writes[i..]
-                        .iter()
-                        .map_while(|w| match w {
-                            Write::Update(v) => Some(v),
-                            _ => None,
-                        })
-                        .collect(),
-                ),
+                Write::Insert(_) => writes[i..]
+                    .iter()
+                    .map_while(|w| match w {
+                        Write::Insert(v) => Some(v),
+                        _ => None,
+                    })
+                    .collect(),
+                Write::Update(_) => writes[i..]
+                    .iter()
+                    .map_while(|w| match w {
+                        Write::Update(v) => Some(v),
+                        _ => None,
+                    })
+                    .collect(),
             };
+            let insert = matches!(writes[i], Write::Insert(_));
             i += run.len();
+            let with_answers = !answered && i == writes.len();
+            let sql = match (insert, with_answers) {
+                (true, false) => INSERT,
+                (false, false) => UPDATE,
+                (true, true) => INSERT_WITH_ANSWERS,
+                (false, true) => UPDATE_WITH_ANSWERS,
+            };
             let column = |f: fn(&NewVersion) -> &str| run.iter().map(|v| f(v)).collect::<Vec<&str>>();
-            sqlx::query(sql)
+            let mut query = sqlx::query(sql)
                 .bind(column(|v| &v.key.resource_type))
                 .bind(column(|v| &v.key.resource_id))
                 .bind(column(|v| &v.version_id))
                 .bind(column(|v| &v.last_updated))
-                .bind(column(|v| &v.body))
+                .bind(column(|v| &v.body));
+            if with_answers {
+                query = query.bind(&answer_ids).bind(&answer_types).bind(&answer_texts);
+                answered = true;
+            }
+            query.execute(&mut *self.tx).await.map_err(classify)?;
+        }
+        if !answered {
+            sqlx::query(ANSWERS)
+                .bind(&answer_ids)
+                .bind(&answer_types)
+                .bind(&answer_texts)
                 .execute(&mut *self.tx)
                 .await
                 .map_err(classify)?;

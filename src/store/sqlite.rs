@@ -17,8 +17,8 @@ use tokio::sync::{Mutex, Notify, OwnedMutexGuard};
 use uuid::Uuid;
 
 use super::{
-    ChangeBatch, Claim, Current, Found, Lookup, OutboxState, PendingChange, PublisherLease, ResourceKey, Store,
-    StoreError, StoreTx, Write, change_type, classify,
+    ChangeBatch, Claim, Current, Found, InboxEntry, Lookup, OutboxState, PendingChange, PlanState, PublisherLease,
+    ResourceKey, Store, StoreError, StoreTx, Write, change_type, classify,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
@@ -376,28 +376,35 @@ struct SqliteTx {
     _guard: OwnedMutexGuard<()>,
 }
 
-#[async_trait]
-impl StoreTx for SqliteTx {
-    async fn inbox_get(&mut self, message_id: Uuid) -> Result<Option<String>, StoreError> {
-        sqlx::query_scalar("SELECT response FROM inbox WHERE message_id = ?")
-            .bind(message_id.to_string())
-            .fetch_optional(&mut *self.tx)
-            .await
-            .map_err(classify)
+impl SqliteTx {
+    async fn answers(&mut self, message_ids: &[Uuid]) -> Result<Vec<Option<String>>, StoreError> {
+        let mut out = Vec::with_capacity(message_ids.len());
+        for id in message_ids {
+            out.push(
+                sqlx::query_scalar("SELECT response FROM inbox WHERE message_id = ?")
+                    .bind(id.to_string())
+                    .fetch_optional(&mut *self.tx)
+                    .await
+                    .map_err(classify)?,
+            );
+        }
+        Ok(out)
     }
 
-    async fn inbox_put(&mut self, message_id: Uuid, message_type: &str, response: &str) -> Result<(), StoreError> {
-        sqlx::query("INSERT INTO inbox (message_id, message_type, response) VALUES (?, ?, ?)")
-            .bind(message_id.to_string())
-            .bind(message_type)
-            .bind(response)
-            .execute(&mut *self.tx)
-            .await
-            .map_err(classify)?;
+    async fn record_answers(&mut self, entries: &[InboxEntry<'_>]) -> Result<(), StoreError> {
+        for entry in entries {
+            sqlx::query("INSERT INTO inbox (message_id, message_type, response) VALUES (?, ?, ?)")
+                .bind(entry.message_id.to_string())
+                .bind(entry.message_type)
+                .bind(entry.response)
+                .execute(&mut *self.tx)
+                .await
+                .map_err(classify)?;
+        }
         Ok(())
     }
 
-    async fn lock_current(&mut self, keys: &[ResourceKey]) -> Result<Vec<Option<Current>>, StoreError> {
+    async fn current(&mut self, keys: &[ResourceKey]) -> Result<Vec<Option<Current>>, StoreError> {
         // BEGIN IMMEDIATE already holds the database's write lock.
         let mut out = Vec::with_capacity(keys.len());
         for key in keys {
@@ -418,7 +425,7 @@ impl StoreTx for SqliteTx {
         Ok(out)
     }
 
-    async fn versions_used(&mut self, versions: &[(ResourceKey, String)]) -> Result<Vec<bool>, StoreError> {
+    async fn used(&mut self, versions: &[(ResourceKey, String)]) -> Result<Vec<bool>, StoreError> {
         let mut out = Vec::with_capacity(versions.len());
         for (key, version) in versions {
             let used: bool = sqlx::query_scalar(
@@ -464,6 +471,27 @@ impl StoreTx for SqliteTx {
             .map_err(classify)?;
         }
         Ok(())
+    }
+}
+
+#[async_trait]
+impl StoreTx for SqliteTx {
+    async fn read_state(
+        &mut self,
+        message_ids: &[Uuid],
+        keys: &[ResourceKey],
+        versions: &[(ResourceKey, String)],
+    ) -> Result<PlanState, StoreError> {
+        Ok(PlanState {
+            answers: self.answers(message_ids).await?,
+            current: self.current(keys).await?,
+            used: self.used(versions).await?,
+        })
+    }
+
+    async fn write(&mut self, writes: &[Write], answers: &[InboxEntry<'_>]) -> Result<(), StoreError> {
+        self.apply(writes).await?;
+        self.record_answers(answers).await
     }
 
     async fn savepoint(&mut self) -> Result<(), StoreError> {
