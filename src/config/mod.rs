@@ -234,9 +234,10 @@ pub struct MessageBrokerSettings {
     /// saves round trips.
     #[serde(deserialize_with = "lenient::int")]
     pub prefetch_count: u16,
-    /// How many commands are processed at once (MassTransit's `ConcurrentMessageLimit`). Default 16,
-    /// not Firely's 1, for the same reason as `PrefetchCount`; at most `PrefetchCount` are ever in
-    /// hand, so a higher value has no further effect.
+    /// How many commands are processed at once (MassTransit's `ConcurrentMessageLimit`). Default 64,
+    /// not Firely's 1, for the same reason as `PrefetchCount`: store plans in process at the same
+    /// time commit together, so more in process means larger groups. At most `PrefetchCount` are
+    /// ever in hand, so a higher value has no further effect.
     #[serde(deserialize_with = "lenient::int")]
     pub concurrency_number: u32,
     /// RabbitMQ arguments for declaring the command queue, name → JSON value, e.g.
@@ -264,7 +265,7 @@ impl Default for MessageBrokerSettings {
             virtual_host: "/".into(),
             application_queue_name: "FirelyServer".into(),
             prefetch_count: 64,
-            concurrency_number: 16,
+            concurrency_number: 64,
             queue_arguments: serde_json::Map::new(),
             rabbit_mq: RabbitMqSettings::default(),
             kafka: KafkaSettings::default(),
