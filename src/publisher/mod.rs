@@ -38,6 +38,12 @@ const BATCHES_PER_CLAIM: usize = 16;
 const CHANGES_PER_CLAIM: usize = 50_000;
 /// Batches claimed at once, at most (each is a row written before publishing).
 const MAX_BATCHES_PER_CLAIM: usize = 256;
+/// A round whose claim came back short of full starts the next one no sooner than this after its
+/// own start. Under a steady stream of small commits a round would otherwise follow the last at
+/// once, each claim cutting a handful of changes at the cost of a whole claim (measured: with 5 ms
+/// the claims took a third of PostgreSQL's time at 1,800 commands/s; with 20 ms the bridge carried
+/// 2,700/s); a backlog (full claims) drains without pause. Adds at most this much to an event's latency.
+const MIN_ROUND: Duration = Duration::from_millis(20);
 /// How often a process that does not lead tries to take over.
 const LEAD_RETRY: Duration = Duration::from_secs(1);
 /// How often the outbox's size and age are read for the lag figures.
@@ -264,6 +270,7 @@ impl Publisher {
         // Claimed, to be published in this order.
         let mut in_hand: Vec<ChangeBatch> = Vec::new();
         loop {
+            let round_started = tokio::time::Instant::now();
             let stopping = *shutdown.borrow();
             let claim = Claim {
                 completed: &confirmed,
@@ -282,8 +289,10 @@ impl Publisher {
                 Ok(false) => return LeadEnd::Lost("another process holds the publisher lease".into()),
                 Err(e) => return LeadEnd::Lost(e.to_string()),
             }
+            let mut claim_full = false;
             let claim_failure = match claimed {
                 Ok(batches) => {
+                    claim_full = batches.iter().map(|b| b.changes.len()).sum::<usize>() >= batch_size * max_batches;
                     self.count_completed(&confirmed);
                     confirmed.clear();
                     // Batches left unconfirmed by a failed publish go out again first.
@@ -304,6 +313,8 @@ impl Publisher {
                         }
                         let poll = Duration::from_secs(self.settings.polling_interval_seconds.max(1));
                         wait(shutdown, &self.waker, poll, true).await;
+                    } else if !claim_full && !stopping {
+                        tokio::time::sleep_until(round_started + MIN_ROUND).await;
                     }
                 }
                 Some(e) => {
