@@ -10,8 +10,9 @@
 //! A benchmark target rather than a `fhir-pubsub bench` subcommand: the load generator, the echo
 //! responder and the chart stay out of the binary users run, and are built only when measured.
 //!
-//! Usage: `cargo bench --bench loadgen -- --bridge PATH [--quick] [--out DIR]` (`scripts/bench` does
-//! this). `cargo test --all-targets` starts this binary without `--bench`; it then does nothing.
+//! Usage: `cargo bench --bench loadgen -- --bridge PATH [--quick] [--out DIR] [--only PARTS]
+//! [--in-flight N,…]` (`scripts/bench` does this). `cargo test --all-targets` starts this binary
+//! without `--bench`; it then does nothing.
 
 mod baseline;
 mod events;
@@ -32,14 +33,18 @@ use uuid::Uuid;
 use process::{Bridge, BridgeSpec};
 use rpc::{Load, LoadResult};
 
-const POSTGRES_ADMIN: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+const POSTGRES_ADMIN: &str = "postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable";
+/// Every PostgreSQL connection of the run (bridges and baseline) is loopback TCP without TLS, as a
+/// bridge next to its database would be configured: TLS on loopback protects nothing and costs CPU
+/// on both ends of every round trip.
+pub const POSTGRES_SSLMODE: &str = "disable";
 /// Requests in flight, swept for the small commands.
 const IN_FLIGHT: [usize; 4] = [1, 8, 64, 256];
 /// Resources per large plan.
 const PLAN_SIZE: usize = 1000;
 /// The bridge's defaults, which the echo responder copies.
 const PREFETCH: u16 = 64;
-const CONCURRENCY: usize = 16;
+const CONCURRENCY: usize = 64;
 const READY_LIMIT: Duration = Duration::from_secs(30);
 
 /// How long and how much: `--quick` for development (under two minutes), the full run for the report.
@@ -51,14 +56,32 @@ pub struct Plan {
     pub large_plans: u64,
     pub event_rate: u64,
     pub event_seconds: u64,
+    /// Requests in flight, swept for the small commands.
+    pub in_flight: Vec<usize>,
 }
 
 impl Plan {
     fn new(quick: bool) -> Plan {
         if quick {
-            Plan { mode: "quick", warmup_s: 1.0, measure_s: 3.0, large_plans: 20, event_rate: 1000, event_seconds: 3 }
+            Plan {
+                mode: "quick",
+                warmup_s: 1.0,
+                measure_s: 3.0,
+                large_plans: 20,
+                event_rate: 1000,
+                event_seconds: 3,
+                in_flight: IN_FLIGHT.to_vec(),
+            }
         } else {
-            Plan { mode: "full", warmup_s: 2.0, measure_s: 10.0, large_plans: 100, event_rate: 1000, event_seconds: 10 }
+            Plan {
+                mode: "full",
+                warmup_s: 2.0,
+                measure_s: 10.0,
+                large_plans: 100,
+                event_rate: 1000,
+                event_seconds: 10,
+                in_flight: IN_FLIGHT.to_vec(),
+            }
         }
     }
 
@@ -183,7 +206,7 @@ fn large_plans(queue: &str, tag: &str) -> Arc<rpc::BodyFn> {
 /// time per request is measured too.
 async fn sweep(queue: &str, tag: &str, plan: &Plan, responder: u32) -> anyhow::Result<Vec<LoadResult>> {
     let mut results = Vec::new();
-    for in_flight in IN_FLIGHT {
+    for &in_flight in &plan.in_flight {
         let cpu_before = process::cpu_seconds(responder);
         let mut result =
             rpc::drive(queue, small_commands(queue, &format!("{tag}n{in_flight}")), plan.load(in_flight)).await?;
@@ -257,6 +280,7 @@ impl Env<'_> {
         let queue = format!("fhir-pubsub-bench-{store}-{tag}");
         eprintln!("{store}: bridge starting");
         let (bridge, first_start_ms) = self.start(store_url, &queue, false, false).await?;
+        eprintln!("  bridge pid {}", bridge.process.pid());
         tokio::time::sleep(Duration::from_secs(1)).await;
         let (_, idle_rss_mib) = bridge.process.memory_mib();
         eprintln!("  ready in {first_start_ms:.0} ms, idle RSS {idle_rss_mib:.1} MiB");
@@ -345,12 +369,47 @@ async fn write_backlog(store_url: &str, tag: &str, plans: u64) -> anyhow::Result
     Ok(())
 }
 
+/// Development runs (`--only ceiling,postgres,sqlite`): those parts only, their figures printed and
+/// no report written (a report compares parts measured in one run). The bridge's PID is printed, so
+/// that a profiler can be attached while it runs.
+async fn partial_run(env: &Env<'_>, parts: &str) -> anyhow::Result<()> {
+    let run_id = Uuid::new_v4().simple().to_string()[..8].to_owned();
+    for part in parts.split(',') {
+        match part {
+            "ceiling" => {
+                let queue = format!("fhir-pubsub-bench-echo-{run_id}");
+                let connection = lapin::Connection::connect(rpc::AMQP, Default::default()).await?;
+                rpc::declare_endpoint(&connection.create_channel().await?, &queue).await?;
+                let _ = connection.close(200, "declared".into()).await;
+                let echo = process::start_echo(&queue, PREFETCH, CONCURRENCY, &env.logs.join("echo.log"))?;
+                eprintln!("broker ceiling (echo pid {})", echo.pid());
+                sweep(&queue, &format!("e{run_id}"), env.plan, echo.pid()).await?;
+                drop(echo);
+                rpc::delete_endpoint(&queue).await;
+            }
+            "postgres" => {
+                let name = format!("fhir_pubsub_bench_{run_id}");
+                let url = create_database(&name).await?;
+                let run = env.store_run("postgres", &url).await;
+                drop_database(&name).await;
+                run?;
+            }
+            "sqlite" => {
+                let dir = tempfile::tempdir()?;
+                env.store_run("sqlite", &format!("sqlite://{}/bench.db", dir.path().display())).await?;
+            }
+            other => anyhow::bail!("--only: unknown part `{other}` (ceiling, postgres, sqlite)"),
+        }
+    }
+    Ok(())
+}
+
 /// A fresh PostgreSQL database for this run; its URL.
 async fn create_database(name: &str) -> anyhow::Result<String> {
     let mut admin = sqlx::PgConnection::connect(POSTGRES_ADMIN).await.context("PostgreSQL at 127.0.0.1:5432")?;
     sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut admin).await?;
     admin.close().await?;
-    Ok(format!("postgres://postgres@127.0.0.1:5432/{name}"))
+    Ok(format!("postgres://postgres@127.0.0.1:5432/{name}?sslmode={POSTGRES_SSLMODE}"))
 }
 
 async fn drop_database(name: &str) {
@@ -379,9 +438,16 @@ async fn main() -> anyhow::Result<()> {
     }
     let binary = PathBuf::from(argument(&args, "--bridge").context("--bridge PATH of the fhir-pubsub binary")?);
     let out = PathBuf::from(argument(&args, "--out").unwrap_or_else(|| "bench".into()));
-    let plan = Plan::new(args.iter().any(|a| a == "--quick"));
-    std::fs::create_dir_all(&out)?;
+    let mut plan = Plan::new(args.iter().any(|a| a == "--quick"));
+    if let Some(levels) = argument(&args, "--in-flight") {
+        plan.in_flight = levels.split(',').map(str::parse).collect::<Result<_, _>>().context("--in-flight N[,N…]")?;
+    }
     let logs = tempfile::tempdir()?;
+    if let Some(parts) = argument(&args, "--only") {
+        let env = Env { binary: &binary, logs: logs.path(), plan: &plan };
+        return partial_run(&env, &parts).await;
+    }
+    std::fs::create_dir_all(&out)?;
     let run_id = Uuid::new_v4().simple().to_string()[..8].to_owned();
     let mut machine = report::Machine::collect(&binary).await;
 

@@ -155,9 +155,10 @@ fn markdown(r: &Results) -> String {
     let _ = writeln!(
         s,
         "| settings | bridge defaults: PrefetchCount {}, ConcurrencyNumber {}, events off unless stated, log level info to a file; \
-         warm-up {} s, window {} s per level |",
+         PostgreSQL over loopback TCP with sslmode={}; warm-up {} s, window {} s per level |",
         crate::PREFETCH,
         crate::CONCURRENCY,
+        crate::POSTGRES_SSLMODE,
         r.plan.warmup_s,
         r.plan.measure_s
     );
