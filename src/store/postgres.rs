@@ -40,12 +40,8 @@ impl PostgresStore {
         let options: PgConnectOptions = url.parse().map_err(|e: sqlx::Error| StoreError::InvalidUrl(e.to_string()))?;
         // Marks the bridge's own writes: the change trigger skips NOTIFY for them (migration 0003).
         let options = options.options([("fhir_pubsub.writer", "bridge")]);
-        // No ping before each use of a pooled connection (a round trip per transaction): sqlx
-        // already tests a connection when it goes back to the pool, and one lost in between fails
-        // its statement as unavailable, so the command is delivered again.
         let pool = PgPoolOptions::new()
             .max_connections(16)
-            .test_before_acquire(false)
             .acquire_timeout(Duration::from_secs(10))
             .connect_with(options.clone())
             .await
