@@ -433,33 +433,25 @@ impl StoreTx for PgTx {
         let mut answered = answers.is_empty();
         let mut i = 0;
         while i < writes.len() {
-            let run: Vec<&NewVersion> = match &writes[i] {
-                Write::Delete(key) => {
-                    sqlx::query(DELETE)
-                        .bind(&key.resource_type)
-                        .bind(&key.resource_id)
-                        .execute(&mut *self.tx)
-                        .await
-                        .map_err(classify)?;
-                    i += 1;
-                    continue;
-                }
-                Write::Insert(_) => writes[i..]
-                    .iter()
-                    .map_while(|w| match w {
-                        Write::Insert(v) => Some(v),
-                        _ => None,
-                    })
-                    .collect(),
-                Write::Update(_) => writes[i..]
-                    .iter()
-                    .map_while(|w| match w {
-                        Write::Update(v) => Some(v),
-                        _ => None,
-                    })
-                    .collect(),
-            };
+            if let Write::Delete(key) = &writes[i] {
+                sqlx::query(DELETE)
+                    .bind(&key.resource_type)
+                    .bind(&key.resource_id)
+                    .execute(&mut *self.tx)
+                    .await
+                    .map_err(classify)?;
+                i += 1;
+                continue;
+            }
+            // The run of inserts or updates that starts here.
             let insert = matches!(writes[i], Write::Insert(_));
+            let run: Vec<&NewVersion> = writes[i..]
+                .iter()
+                .map_while(|w| match (w, insert) {
+                    (Write::Insert(v), true) | (Write::Update(v), false) => Some(v),
+                    _ => None,
+                })
+                .collect();
             i += run.len();
             let with_answers = !answered && i == writes.len();
             let sql = match (insert, with_answers) {
