@@ -242,7 +242,10 @@ async fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
     let settings = load(config.as_ref())?;
     let board = StatusBoard::new();
     let metrics = match fhir_pubsub::observe::metrics::install() {
-        Ok(handle) => Some(handle),
+        Ok(handle) => {
+            fhir_pubsub::observe::metrics::spawn_upkeep(handle.clone());
+            Some(handle)
+        }
         Err(e) => {
             tracing::warn!(error = %e, "metrics are off: the Prometheus recorder cannot be installed");
             None

@@ -80,6 +80,19 @@ pub fn install() -> Result<PrometheusHandle, BuildError> {
     Ok(handle)
 }
 
+/// Drains the histograms' recorded samples into their buckets every few seconds. The recorder
+/// keeps every sample until then; without this, a process whose `/metrics` nobody scrapes would
+/// hold every sample it ever recorded. Call from within the runtime.
+pub fn spawn_upkeep(handle: PrometheusHandle) {
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(std::time::Duration::from_secs(5));
+        loop {
+            every.tick().await;
+            handle.run_upkeep();
+        }
+    });
+}
+
 /// Registers the help text and unit of every metric.
 pub fn describe() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};

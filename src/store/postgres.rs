@@ -40,8 +40,11 @@ impl PostgresStore {
         let options: PgConnectOptions = url.parse().map_err(|e: sqlx::Error| StoreError::InvalidUrl(e.to_string()))?;
         // Marks the bridge's own writes: the change trigger skips NOTIFY for them (migration 0003).
         let options = options.options([("fhir_pubsub.writer", "bridge")]);
+        // Writes need one connection at a time (one group commits at a time); the rest serve
+        // retrieves. Few, because each connection keeps buffers as large as the largest statement
+        // it carried (a plan of 1,000 resources: megabytes), and idle connections are used in turn.
         let pool = PgPoolOptions::new()
-            .max_connections(16)
+            .max_connections(8)
             .acquire_timeout(Duration::from_secs(10))
             .connect_with(options.clone())
             .await
