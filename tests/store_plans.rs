@@ -530,13 +530,13 @@ async fn a_group_gives_each_plan_its_own_outcome(store: &common::TestStore) {
 }
 both_stores!(group_outcomes, a_group_gives_each_plan_its_own_outcome);
 
-/// The bridge's group commit: 40 commands at once through one transaction slot share transactions,
+/// The bridge's group commit: 40 commands at once share transactions,
 /// and each still gets its own outcome: the 30 good plans are applied, the 10 that update a missing
 /// resource get UpdateFailedResourceNotFound and store nothing, a repeated messageId is answered from
 /// the inbox.
 async fn grouped_commands_keep_their_own_outcomes(store: &common::TestStore) {
     let store: Arc<dyn Store> = store.store.clone();
-    let group = GroupCommit::new(store.clone(), 1);
+    let group = GroupCommit::new(store.clone());
     let repeated = Uuid::new_v4();
     let mut tasks = Vec::new();
     for n in 0..40 {

@@ -2,18 +2,17 @@
 //! ([`plan::execute_store_plans`]), so a burst of commands pays for one commit, and one statement per
 //! step, instead of one each (on SQLite with `synchronous=FULL` that is one disk flush for the group).
 //!
-//! A command puts its plan in the queue and waits for its outcome. Committing is done by leader
-//! tasks, at most `transactions` at a time: a command that finds fewer leaders running starts one.
-//! A leader takes everything queued (up to [`MAX_GROUP_INSTRUCTIONS`]), commits it, hands each
+//! A command puts its plan in the queue and waits for its outcome. Committing is done by one leader
+//! task at a time: a command that finds none running starts one. The leader takes everything queued (up to [`MAX_GROUP_INSTRUCTIONS`]), commits it, hands each
 //! command its outcome, and goes on while plans are queued. A command that arrives alone commits
 //! alone, at once: grouping adds no latency, it only forms under load. Waiting commands do nothing
 //! until their outcome arrives (no polling of commit slots).
 //!
 //! Invariants:
 //! - a command learns its outcome only after the transaction holding its plan committed (or failed);
-//! - whenever a plan is queued, a leader is running that will take it: a leader stops only after
-//!   finding the queue empty, under the same lock under which a command queues its plan and counts
-//!   the leaders;
+//! - whenever a plan is queued, a leader is running that will take it: the leader stops only after
+//!   finding the queue empty, under the same lock under which a command queues its plan and looks
+//!   for a leader;
 //! - two commands on the same resource are never in one group: the bridge's [`super::KeyOrder`] keeps
 //!   the second waiting until the first is done;
 //! - one plan's failure never fails another: rule violations and rejected data stay with their plan,
@@ -34,12 +33,10 @@ pub const MAX_GROUP_INSTRUCTIONS: usize = 2000;
 
 type Waiting = (StoreJob, oneshot::Sender<Result<PlanOutcome, StoreError>>);
 
-/// The queue of plans waiting for a commit, and the leaders committing them.
+/// The queue of plans waiting for a commit, and the leader committing them.
 pub struct GroupCommit {
     store: Arc<dyn Store>,
     state: Mutex<State>,
-    /// Transactions that may run at once.
-    transactions: usize,
     /// Groups committed so far (one transaction each, retries aside).
     groups: AtomicU64,
 }
@@ -47,18 +44,12 @@ pub struct GroupCommit {
 #[derive(Default)]
 struct State {
     queue: Vec<Waiting>,
-    leaders: usize,
+    leading: bool,
 }
 
 impl GroupCommit {
-    /// `transactions`: how many groups may commit at the same time (at least 1).
-    pub fn new(store: Arc<dyn Store>, transactions: usize) -> Arc<Self> {
-        Arc::new(GroupCommit {
-            store,
-            state: Mutex::default(),
-            transactions: transactions.max(1),
-            groups: AtomicU64::new(0),
-        })
+    pub fn new(store: Arc<dyn Store>) -> Arc<Self> {
+        Arc::new(GroupCommit { store, state: Mutex::default(), groups: AtomicU64::new(0) })
     }
 
     /// How many groups were committed (or failed) so far.
@@ -72,11 +63,7 @@ impl GroupCommit {
         let lead = {
             let mut state = self.lock();
             state.queue.push((job, sender));
-            let lead = state.leaders < self.transactions;
-            if lead {
-                state.leaders += 1;
-            }
-            lead
+            !std::mem::replace(&mut state.leading, true)
         };
         if lead {
             // A task of its own: the commit goes on even if this command is abandoned, and this
@@ -97,7 +84,7 @@ impl GroupCommit {
                 let mut state = self.lock();
                 let group = take_group(&mut state.queue);
                 if group.is_empty() {
-                    state.leaders -= 1;
+                    state.leading = false;
                     return;
                 }
                 group

@@ -105,8 +105,7 @@ impl Bridge {
         // four statements whatever its size (see `plan::execute_store_plans`), and measured with
         // 64 commands in process, 1 group at a time carried 2,000 commands/s, 2 at once 1,700 and
         // 4 at once 1,600: the commit's flush is shorter than the work that fewer, larger groups save.
-        let transactions = 1;
-        let group_commit = GroupCommit::new(store.clone(), transactions);
+        let group_commit = GroupCommit::new(store.clone());
         Bridge {
             store,
             transport,
