@@ -105,9 +105,7 @@ async fn try_execute(store: &dyn Store, jobs: &[StoreJob], savepoints: bool) -> 
 /// write of all their changes and answers.
 async fn all_at_once(tx: &mut dyn StoreTx, jobs: &[StoreJob]) -> Result<Vec<PlanOutcome>, StoreError> {
     let ids: Vec<Uuid> = jobs.iter().filter_map(|job| job.message_id).collect();
-    let valid = || jobs.iter().filter_map(|job| job.plan.as_ref().ok()).flatten();
-    let keys: Vec<ResourceKey> = valid().map(|ins| ins.key.clone()).collect();
-    let versions: Vec<(ResourceKey, String)> = valid().filter_map(new_version).collect();
+    let (keys, versions) = to_read(jobs.iter().filter_map(|job| job.plan.as_ref().ok()).flatten());
     let state = tx.read_state(&ids, &keys, &versions).await?;
     let (mut answers, mut current, mut used) =
         (state.answers.into_iter(), state.current.into_iter(), state.used.into_iter());
@@ -118,13 +116,13 @@ async fn all_at_once(tx: &mut dyn StoreTx, jobs: &[StoreJob]) -> Result<Vec<Plan
         // A plan's share of the state is taken even when it is answered from the inbox.
         let decided = job.plan.as_ref().map(|plan| decide_plan(plan, &mut current, &mut used));
         outcomes.push(match (answered, decided) {
-            (Some(text), _) => PlanOutcome { response: stored_response(&text), replayed: true, changes: 0 },
+            (Some(text), _) => replayed(&text),
             (None, Err(errors)) => not_applied(errors.clone()),
             (None, Ok(Err(errors))) => not_applied(errors),
             (None, Ok(Ok(plan_writes))) => {
-                let changes = plan_writes.len();
+                let outcome = applied(plan_writes.len());
                 writes.extend(plan_writes);
-                PlanOutcome { response: ExecuteStorePlanResponse::default(), replayed: false, changes }
+                outcome
             }
         });
     }
@@ -140,13 +138,11 @@ async fn each_in_savepoint(tx: &mut dyn StoreTx, jobs: &[StoreJob]) -> Result<Ve
     for job in jobs {
         tx.savepoint().await?;
         let ids: Vec<Uuid> = job.message_id.into_iter().collect();
-        let plan = job.plan.as_deref().unwrap_or_default();
-        let keys: Vec<ResourceKey> = plan.iter().map(|ins| ins.key.clone()).collect();
-        let versions: Vec<(ResourceKey, String)> = plan.iter().filter_map(new_version).collect();
+        let (keys, versions) = to_read(job.plan.as_deref().unwrap_or_default());
         let state = tx.read_state(&ids, &keys, &versions).await?;
         if let Some(Some(text)) = state.answers.into_iter().next() {
             tx.release_savepoint().await?;
-            outcomes.push(PlanOutcome { response: stored_response(&text), replayed: true, changes: 0 });
+            outcomes.push(replayed(&text));
             continue;
         }
         let decided = match &job.plan {
@@ -154,10 +150,7 @@ async fn each_in_savepoint(tx: &mut dyn StoreTx, jobs: &[StoreJob]) -> Result<Ve
             Ok(plan) => decide_plan(plan, &mut state.current.into_iter(), &mut state.used.into_iter()),
         };
         let (mut outcome, writes) = match decided {
-            Ok(writes) => {
-                let changes = writes.len();
-                (PlanOutcome { response: ExecuteStorePlanResponse::default(), replayed: false, changes }, writes)
-            }
+            Ok(writes) => (applied(writes.len()), writes),
             Err(errors) => (not_applied(errors), Vec::new()),
         };
         let answer = new_answers(std::slice::from_ref(job), std::slice::from_ref(&outcome))?;
@@ -182,8 +175,17 @@ async fn each_in_savepoint(tx: &mut dyn StoreTx, jobs: &[StoreJob]) -> Result<Ve
     Ok(outcomes)
 }
 
+fn applied(changes: usize) -> PlanOutcome {
+    PlanOutcome { response: ExecuteStorePlanResponse::default(), replayed: false, changes }
+}
+
 fn not_applied(errors: Vec<ItemError>) -> PlanOutcome {
     PlanOutcome { response: ExecuteStorePlanResponse { errors }, replayed: false, changes: 0 }
+}
+
+/// The outcome of a command answered before: its stored response.
+fn replayed(text: &str) -> PlanOutcome {
+    PlanOutcome { response: stored_response(text), replayed: true, changes: 0 }
 }
 
 /// The inbox texts of the plans not answered before: (messageId, response).
@@ -224,9 +226,18 @@ fn stored_response(text: &str) -> ExecuteStorePlanResponse {
     })
 }
 
-/// The version an instruction would write, for the versions-used check.
-fn new_version(ins: &ValidInstruction) -> Option<(ResourceKey, String)> {
-    ins.version.as_ref().map(|v| (ins.key.clone(), v.version_id.clone()))
+/// What the rules need read for these instructions, in order: the keys to lock, and the versions
+/// they would write (to check that none was used before).
+fn to_read<'a>(
+    instructions: impl IntoIterator<Item = &'a ValidInstruction>,
+) -> (Vec<ResourceKey>, Vec<(ResourceKey, String)>) {
+    let mut keys = Vec::new();
+    let mut versions = Vec::new();
+    for ins in instructions {
+        keys.push(ins.key.clone());
+        versions.extend(ins.version.as_ref().map(|v| (ins.key.clone(), v.version_id.clone())));
+    }
+    (keys, versions)
 }
 
 /// The writes of one plan, or every instruction that breaks a rule. `current` yields the locked

@@ -338,8 +338,8 @@ impl StoreTx for PgTx {
         keys: &[ResourceKey],
         versions: &[(ResourceKey, String)],
     ) -> Result<PlanState, StoreError> {
-        // One statement, one round trip. Rows are locked in key order so that concurrent plans
-        // rarely deadlock. `part` says which question a row answers, `ord` for which item (1-based).
+        // One statement, one round trip. `part` says which question a row answers, `ord` for which
+        // item (1-based).
         // Each part probes its table once per item through a LATERAL subquery that the planner
         // cannot flatten (OFFSET 0): always an index lookup, whatever the statistics say (a join
         // with the unnested arrays may otherwise be planned as a scan of a whole table, and the
@@ -407,27 +407,31 @@ impl StoreTx for PgTx {
         // UPDATE … FROM, processes rows in the order given; their rows are locked by this
         // transaction, so the conflict path is always taken. The answers ride with the last
         // statement (a statement of their own when nothing is written).
-        const INSERT: &str = "INSERT INTO resources (resource_type, resource_id, version_id, last_updated, body) \
-             SELECT t, i, v, l, b FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[]) \
-                  WITH ORDINALITY AS u(t, i, v, l, b, ord) ORDER BY ord";
-        const UPDATE: &str = "INSERT INTO resources (resource_type, resource_id, version_id, last_updated, body) \
-             SELECT t, i, v, l, b FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[]) \
-                  WITH ORDINALITY AS u(t, i, v, l, b, ord) ORDER BY ord \
-             ON CONFLICT (resource_type, resource_id) DO UPDATE SET \
-                 version_id = EXCLUDED.version_id, last_updated = EXCLUDED.last_updated, body = EXCLUDED.body";
+        // The statements share their text; `concat!` takes only literals, hence the macros.
+        macro_rules! insert_versions {
+            () => {
+                "INSERT INTO resources (resource_type, resource_id, version_id, last_updated, body) \
+                 SELECT t, i, v, l, b FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[]) \
+                      WITH ORDINALITY AS u(t, i, v, l, b, ord) ORDER BY ord"
+            };
+        }
+        macro_rules! or_update {
+            () => {
+                " ON CONFLICT (resource_type, resource_id) DO UPDATE SET \
+                 version_id = EXCLUDED.version_id, last_updated = EXCLUDED.last_updated, body = EXCLUDED.body"
+            };
+        }
+        macro_rules! with_answers {
+            () => {
+                "WITH answers AS (INSERT INTO inbox (message_id, message_type, response) \
+                 SELECT * FROM unnest($6::uuid[], $7::text[], $8::text[])) "
+            };
+        }
+        const INSERT: &str = insert_versions!();
+        const UPDATE: &str = concat!(insert_versions!(), or_update!());
+        const INSERT_WITH_ANSWERS: &str = concat!(with_answers!(), insert_versions!());
+        const UPDATE_WITH_ANSWERS: &str = concat!(with_answers!(), insert_versions!(), or_update!());
         const DELETE: &str = "DELETE FROM resources WHERE resource_type = $1 AND resource_id = $2";
-        const INSERT_WITH_ANSWERS: &str = "WITH answers AS (INSERT INTO inbox (message_id, message_type, response) \
-                 SELECT * FROM unnest($6::uuid[], $7::text[], $8::text[])) \
-             INSERT INTO resources (resource_type, resource_id, version_id, last_updated, body) \
-             SELECT t, i, v, l, b FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[]) \
-                  WITH ORDINALITY AS u(t, i, v, l, b, ord) ORDER BY ord";
-        const UPDATE_WITH_ANSWERS: &str = "WITH answers AS (INSERT INTO inbox (message_id, message_type, response) \
-                 SELECT * FROM unnest($6::uuid[], $7::text[], $8::text[])) \
-             INSERT INTO resources (resource_type, resource_id, version_id, last_updated, body) \
-             SELECT t, i, v, l, b FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[]) \
-                  WITH ORDINALITY AS u(t, i, v, l, b, ord) ORDER BY ord \
-             ON CONFLICT (resource_type, resource_id) DO UPDATE SET \
-                 version_id = EXCLUDED.version_id, last_updated = EXCLUDED.last_updated, body = EXCLUDED.body";
         const ANSWERS: &str = "INSERT INTO inbox (message_id, message_type, response) \
              SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[])";
         let answer_ids: Vec<Uuid> = answers.iter().map(|a| a.message_id).collect();
