@@ -13,8 +13,8 @@
 use std::collections::{HashMap, HashSet};
 
 use futures::FutureExt;
+use futures::channel::oneshot;
 use futures::future::Shared;
-use tokio::sync::oneshot;
 
 use crate::store::ResourceKey;
 
@@ -25,7 +25,9 @@ pub type Done = Shared<oneshot::Receiver<()>>;
 const SWEEP_AT: usize = 4096;
 
 /// Whether the command behind `done` has finished. `Shared::peek` alone is not enough: it only sees
-/// an outcome once someone polled the shared future, and most completions nobody waits for.
+/// an outcome once someone polled the shared future, and most completions nobody waits for. The
+/// channel is `futures`' and not tokio's: tokio's answers "not ready" once the task's cooperative
+/// budget is spent, which would make a sweep keep finished commands.
 fn finished(done: &Done) -> bool {
     done.peek().is_some() || done.clone().now_or_never().is_some()
 }
@@ -71,6 +73,8 @@ impl KeyOrder {
         if self.tails.len() > self.next_sweep.max(SWEEP_AT) {
             self.tails.retain(|_, f| !finished(f));
             self.next_sweep = self.tails.len() * 2;
+            // Give back the room a burst (large plans) needed.
+            self.tails.shrink_to(self.next_sweep.max(SWEEP_AT));
         }
         (waits, done)
     }
@@ -136,6 +140,19 @@ mod tests {
         for n in 0..10_000 {
             let (waits, guard) = order.enter(vec![ResourceKey::new("Patient", n.to_string())]);
             assert!(waits.is_empty());
+            drop(guard);
+        }
+        assert!(order.tails.len() <= SWEEP_AT + 1, "{} finished commands kept", order.tails.len());
+    }
+
+    /// The dispatcher runs in a task, where tokio's cooperative budget makes its own resources
+    /// answer "not ready" after a hundred or so polls: the check for finished commands must not
+    /// depend on it, or a sweep keeps nearly everything and the map grows with every command.
+    #[tokio::test]
+    async fn finished_commands_are_forgotten_inside_a_task_too() {
+        let mut order = KeyOrder::default();
+        for n in 0..100_000 {
+            let (_, guard) = order.enter(vec![ResourceKey::new("Patient", n.to_string())]);
             drop(guard);
         }
         assert!(order.tails.len() <= SWEEP_AT + 1, "{} finished commands kept", order.tails.len());
