@@ -461,6 +461,50 @@ async fn the_inbox_makes_a_command_idempotent(store: &common::TestStore) {
 }
 both_stores!(inbox, the_inbox_makes_a_command_idempotent);
 
+/// Plans whose resources take more than one SQL statement (PostgreSQL sends at most 256 KiB of
+/// resources per statement): every change lands, in plan order, and the inbox still answers.
+async fn plans_larger_than_a_statement(store: &common::TestStore) {
+    let padding = "x".repeat(2000);
+    let fresh: Vec<Value> =
+        (0..400).map(|i| upsert(&i.to_string(), patient(&format!("big-{i}"), "1", &padding))).collect();
+    let id = Uuid::new_v4();
+    let plan = json!({ "instructions": fresh }).to_string();
+    let first = store_plan_text(&**store, &plan, Some(id)).await;
+    assert_applied(&first);
+    // Updates of all of them, then new ones: a run of updates and a run of inserts, both long.
+    let mut second: Vec<Value> =
+        (0..400).map(|i| upsert(&i.to_string(), patient(&format!("big-{i}"), "2", &padding))).collect();
+    second.extend((400..600).map(|i| upsert(&i.to_string(), patient(&format!("big-{i}"), "1", &padding))));
+    assert_applied(&store_plan(&**store, Value::Array(second)).await);
+
+    let log: Vec<(String, String)> = store
+        .version_log()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|c| c.key.resource_id.starts_with("big-"))
+        .map(|c| (c.key.resource_id, c.version_id))
+        .collect();
+    let expected: Vec<(String, String)> = (0..400)
+        .map(|i| (format!("big-{i}"), "1".to_owned()))
+        .chain((0..400).map(|i| (format!("big-{i}"), "2".to_owned())))
+        .chain((400..600).map(|i| (format!("big-{i}"), "1".to_owned())))
+        .collect();
+    assert_eq!(log, expected, "every change, in plan order");
+    let found = store.read(&[Lookup { key: ResourceKey::new("Patient", "big-399"), version_id: None }]).await.unwrap();
+    assert!(matches!(&found[0], fhir_pubsub::store::Found::Resource(body) if body.contains("\"versionId\":\"2\"")));
+
+    // The first command again: its answer from the inbox, nothing written.
+    let outcome = execute_store_plans(&**store, &[job(&plan, Some(id))]).await.unwrap().remove(0);
+    assert!(outcome.replayed);
+    assert_eq!(outcome.response, first);
+    assert_eq!(
+        store.version_log().await.unwrap().iter().filter(|c| c.key.resource_id.starts_with("big-")).count(),
+        1000
+    );
+}
+both_stores!(larger_than_a_statement, plans_larger_than_a_statement);
+
 async fn plans_in_one_group_commit_fail_alone(store: &common::TestStore) {
     let good = json!({"instructions": [upsert("0", patient("g1", "1", "G"))]}).to_string();
     let bad = json!({"instructions": [upsert("0", patient("g2", "1", "G")), {"itemId": "1", "operation": "update", "resource": patient("none", "1", "N")}]}).to_string();

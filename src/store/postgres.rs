@@ -407,6 +407,9 @@ impl StoreTx for PgTx {
         // UPDATE … FROM, processes rows in the order given; their rows are locked by this
         // transaction, so the conflict path is always taken. The answers ride with the last
         // statement (a statement of their own when nothing is written).
+        // A statement carries at most this many bytes of resources (at least one resource): each
+        // pooled connection keeps a send buffer as large as the largest statement it sent.
+        const STATEMENT_TEXT: usize = 256 * 1024;
         // The statements share their text; `concat!` takes only literals, hence the macros.
         macro_rules! insert_versions {
             () => {
@@ -450,13 +453,19 @@ impl StoreTx for PgTx {
                 i += 1;
                 continue;
             }
-            // The run of inserts or updates that starts here.
+            // The run of inserts or updates that starts here, up to STATEMENT_TEXT bytes of resources.
             let insert = matches!(writes[i], Write::Insert(_));
+            let mut text = 0;
             let run: Vec<&NewVersion> = writes[i..]
                 .iter()
                 .map_while(|w| match (w, insert) {
                     (Write::Insert(v), true) | (Write::Update(v), false) => Some(v),
                     _ => None,
+                })
+                .take_while(|v| {
+                    let first = text == 0;
+                    text += v.body.len().max(1);
+                    first || text <= STATEMENT_TEXT
                 })
                 .collect();
             i += run.len();
