@@ -34,6 +34,9 @@ pub struct PostgresStore {
     deleted_since_vacuum: Arc<std::sync::atomic::AtomicU64>,
 }
 
+/// A pooled connection unused for this long is pinged before it is handed out.
+const PING_AFTER_IDLE: Duration = Duration::from_secs(1);
+
 impl PostgresStore {
     /// Connects and runs the migrations.
     pub async fn open(url: &str) -> Result<Self, StoreError> {
@@ -41,11 +44,25 @@ impl PostgresStore {
         // Marks the bridge's own writes: the change trigger skips NOTIFY for them (migration 0003).
         let options = options.options([("fhir_pubsub.writer", "bridge")]);
         // Writes need one connection at a time (one group commits at a time); the rest serve
-        // retrieves. Few, because each connection keeps buffers as large as the largest statement
-        // it carried (a plan of 1,000 resources: megabytes), and idle connections are used in turn.
+        // retrieves. Few, because each connection keeps a buffer as large as the largest statement
+        // it carried, and idle connections are used in turn.
+        // A connection is checked with a ping only after a second unused: one that was in use a
+        // moment ago is very likely alive, and under load a ping before every transaction is one
+        // more round trip to a busy server on the path every command waits on. One that died
+        // anyway (a server restart) fails its transaction as unavailable, and the commands in it
+        // are delivered again.
         let pool = PgPoolOptions::new()
             .max_connections(8)
             .acquire_timeout(Duration::from_secs(10))
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for >= PING_AFTER_IDLE {
+                        conn.ping().await?;
+                    }
+                    Ok(true)
+                })
+            })
             .connect_with(options.clone())
             .await
             .map_err(classify)?;
