@@ -296,6 +296,10 @@ async fn endpoints_report_what_the_bridge_does() {
     assert_eq!(sample(&metrics, "fhir_pubsub_skipped_queue_moves_total"), Some(1.0));
     assert_eq!(sample(&metrics, &format!("fhir_pubsub_plan_duration_seconds_count{{{store_type}}}")), Some(4.0));
     assert_eq!(sample(&metrics, &format!("fhir_pubsub_plan_instructions_sum{{{store_type}}}")), Some(4.0));
+    // The four store plans (the refused one too: its answer is kept) went through the group commit.
+    assert_eq!(sample(&metrics, "fhir_pubsub_store_transaction_plans_sum"), Some(4.0), "{metrics}");
+    let transactions = sample(&metrics, "fhir_pubsub_store_transaction_seconds_count").unwrap_or(0.0);
+    assert!((1.0..=4.0).contains(&transactions), "{transactions} transactions for four plans");
     assert!(sample(&metrics, "fhir_pubsub_events_published_total{type=\"ResourcesChangedEvent\"}").unwrap() >= 1.0);
     assert_eq!(sample(&metrics, "fhir_pubsub_broker_connected"), Some(1.0));
     assert_eq!(sample(&metrics, "fhir_pubsub_publisher_leading"), Some(1.0));

@@ -24,7 +24,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::sync::oneshot;
+use tokio::time::Instant;
 
+use crate::observe::metrics as m;
 use crate::plan::{self, PlanOutcome, StoreJob};
 use crate::store::{Store, StoreError};
 
@@ -90,7 +92,10 @@ impl GroupCommit {
                 group
             };
             self.groups.fetch_add(1, Ordering::Relaxed);
+            metrics::histogram!(m::STORE_TRANSACTION_PLANS).record(group.len() as f64);
+            let started = Instant::now();
             commit_group(self.store.as_ref(), group).await;
+            metrics::histogram!(m::STORE_TRANSACTION_DURATION).record(started.elapsed().as_secs_f64());
         }
     }
 

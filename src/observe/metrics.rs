@@ -17,6 +17,10 @@ pub const COMMANDS: &str = "fhir_pubsub_commands_total";
 pub const PLAN_DURATION: &str = "fhir_pubsub_plan_duration_seconds";
 /// Instructions per plan, by `type`.
 pub const PLAN_INSTRUCTIONS: &str = "fhir_pubsub_plan_instructions";
+/// Seconds per store transaction of the group commit (begin to commit), several plans each under load.
+pub const STORE_TRANSACTION_DURATION: &str = "fhir_pubsub_store_transaction_seconds";
+/// Store plans per transaction of the group commit.
+pub const STORE_TRANSACTION_PLANS: &str = "fhir_pubsub_store_transaction_plans";
 /// Replies confirmed by the broker.
 pub const REPLIES_SENT: &str = "fhir_pubsub_replies_sent_total";
 /// `Fault<T>` messages sent.
@@ -62,6 +66,8 @@ pub fn install() -> Result<PrometheusHandle, BuildError> {
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Full(PLAN_DURATION.into()), DURATION_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full(PLAN_INSTRUCTIONS.into()), INSTRUCTION_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full(STORE_TRANSACTION_DURATION.into()), DURATION_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full(STORE_TRANSACTION_PLANS.into()), INSTRUCTION_BUCKETS)?
         .install_recorder()?;
     describe();
     // Counters without labels start at 0, so that a rate over them exists before the first event.
@@ -103,6 +109,12 @@ pub fn describe() {
     );
     describe_histogram!(PLAN_DURATION, Unit::Seconds, "Time from taking a command to its acknowledgement.");
     describe_histogram!(PLAN_INSTRUCTIONS, Unit::Count, "Instructions per plan.");
+    describe_histogram!(
+        STORE_TRANSACTION_DURATION,
+        Unit::Seconds,
+        "Time of each store transaction of the group commit, from begin to commit."
+    );
+    describe_histogram!(STORE_TRANSACTION_PLANS, Unit::Count, "Store plans per transaction of the group commit.");
     describe_counter!(REPLIES_SENT, "Replies confirmed by the broker.");
     describe_counter!(FAULTS, "Fault messages sent.");
     describe_counter!(ERROR_QUEUE_MOVES, "Messages moved to the error queue.");
