@@ -651,12 +651,24 @@ async fn claims_while_publishing(store: &common::TestStore) {
     assert_eq!(ids(&first), [["a"]]);
     let in_hand = |b: &[ChangeBatch]| b.last().map(|b| b.id);
     let second = store
-        .claim_batches(Claim { completed: &[], publishing_through: in_hand(&first), batch_size: 1, max_batches: 1 })
+        .claim_batches(Claim {
+            completed: &[],
+            publishing_through: in_hand(&first),
+            batch_size: 1,
+            max_batches: 1,
+            bodies: true,
+        })
         .await
         .unwrap();
     assert_eq!(ids(&second), [["b"]], "the row held by the first batch is not cut again");
     let third = store
-        .claim_batches(Claim { completed: &first, publishing_through: in_hand(&second), batch_size: 1, max_batches: 1 })
+        .claim_batches(Claim {
+            completed: &first,
+            publishing_through: in_hand(&second),
+            batch_size: 1,
+            max_batches: 1,
+            bodies: true,
+        })
         .await
         .unwrap();
     assert_eq!(ids(&third), [["c"]]);
@@ -673,6 +685,7 @@ async fn claims_while_publishing(store: &common::TestStore) {
             publishing_through: in_hand(&after_restart),
             batch_size: 50,
             max_batches: 5,
+            bodies: true,
         })
         .await
         .unwrap();
@@ -681,6 +694,42 @@ async fn claims_while_publishing(store: &common::TestStore) {
     assert!(store.claim_batches(Claim::fresh(50, 5)).await.unwrap().is_empty(), "no batch is left open");
 }
 both_stores!(claim_pipeline, claims_while_publishing);
+
+/// Light events need no bodies: a claim without them cuts the same batches, each change with its
+/// resource, version and kind but no body; the same open batches claimed again with the bodies (a
+/// restart with full events turned on) carry them, as the outbox recorded them.
+async fn claims_without_bodies(store: &common::TestStore) {
+    let store = store.store.as_ref();
+    assert_applied(
+        &store_plan(store, json!([upsert("1", patient("a", "1", "Light")), upsert("2", patient("b", "1", "Light"))]))
+            .await,
+    );
+    assert_applied(&store_plan(store, json!([upsert("1", patient("a", "2", "Lighter"))])).await);
+    assert_applied(
+        &store_plan(
+            store,
+            json!([{"itemId": "1", "operation": "delete", "resourceType": "Patient", "resourceId": "b", "currentVersion": "1"}]),
+        )
+        .await,
+    );
+    let recorded = store.pending_changes(10).await.unwrap();
+    assert_eq!(recorded.len(), 4);
+
+    let light = store
+        .claim_batches(Claim { completed: &[], publishing_through: None, batch_size: 3, max_batches: 2, bodies: false })
+        .await
+        .unwrap();
+    let changes: Vec<&PendingChange> = light.iter().flat_map(|b| b.changes.iter()).collect();
+    assert_eq!(light.iter().map(|b| b.changes.len()).collect::<Vec<_>>(), [3, 1]);
+    assert!(changes.iter().all(|c| c.body.is_none()), "no change carries its body: {changes:?}");
+    let without_body = |c: &PendingChange| PendingChange { body: None, ..c.clone() };
+    assert_eq!(changes.into_iter().cloned().collect::<Vec<_>>(), recorded.iter().map(without_body).collect::<Vec<_>>());
+
+    let full = store.claim_batches(Claim::fresh(3, 2)).await.unwrap();
+    assert_eq!(full.iter().map(|b| b.id).collect::<Vec<_>>(), light.iter().map(|b| b.id).collect::<Vec<_>>());
+    assert_eq!(full.into_iter().flat_map(|b| b.changes).collect::<Vec<_>>(), recorded, "the bodies, as recorded");
+}
+both_stores!(claim_bodies, claims_without_bodies);
 
 /// What a writer knows it committed: (resource, version, change, the version it replaced).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -718,6 +767,7 @@ async fn concurrent_writers_and_a_reader(store: &common::TestStore) {
                     publishing_through: in_hand.last().map(|b| b.id),
                     batch_size: 50,
                     max_batches: 2,
+                    bodies: true,
                 };
                 let batches = store.claim_batches(claim).await.unwrap();
                 assert!(batches.iter().all(|b| !b.changes.is_empty() && b.changes.len() <= 50));

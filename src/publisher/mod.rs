@@ -277,6 +277,7 @@ impl Publisher {
                 publishing_through: in_hand.last().map(|b| b.id),
                 batch_size,
                 max_batches,
+                bodies: self.settings.send_full_events,
             };
             let (lease_held, claimed, published) =
                 tokio::join!(lease.confirm(), self.store.claim_batches(claim), self.publish_in_order(&in_hand));

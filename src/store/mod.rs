@@ -153,12 +153,15 @@ pub struct Claim<'a> {
     pub publishing_through: Option<i64>,
     pub batch_size: usize,
     pub max_batches: usize,
+    /// Whether the changes carry their bodies: full events need them; light events, and changes
+    /// recorded but not published, do not (their [`PendingChange::body`] is then `None`).
+    pub bodies: bool,
 }
 
 impl Claim<'_> {
-    /// A claim that completes nothing and holds nothing.
+    /// A claim that completes nothing and holds nothing, with the bodies.
     pub fn fresh(batch_size: usize, max_batches: usize) -> Claim<'static> {
-        Claim { completed: &[], publishing_through: None, batch_size, max_batches }
+        Claim { completed: &[], publishing_through: None, batch_size, max_batches, bodies: true }
     }
 }
 

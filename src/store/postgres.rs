@@ -235,12 +235,13 @@ impl Store for PostgresStore {
 
     async fn claim_batches(&self, claim: Claim<'_>) -> Result<Vec<ChangeBatch>, StoreError> {
         let (completed_ids, completed_seqs) = ChangeBatch::ids_and_seqs(claim.completed);
-        let rows = sqlx::query("SELECT * FROM fhir_pubsub_claim_batches($1, $2, $3, $4, $5)")
+        let rows = sqlx::query("SELECT * FROM fhir_pubsub_claim_batches($1, $2, $3, $4, $5, $6)")
             .bind(&completed_ids)
             .bind(&completed_seqs)
             .bind(claim.publishing_through.unwrap_or(0))
             .bind(i32::try_from(claim.batch_size.max(1)).unwrap_or(i32::MAX))
             .bind(i32::try_from(claim.max_batches.max(1)).unwrap_or(i32::MAX))
+            .bind(claim.bodies)
             .fetch_all(&self.publisher_pool)
             .await
             .map_err(classify)?;

@@ -96,11 +96,14 @@ async fn pending_rows(
     conn: &mut SqliteConnection,
     after_seq: i64,
     limit: usize,
+    bodies: bool,
 ) -> Result<Vec<PendingChange>, StoreError> {
     let rows = sqlx::query(
-        "SELECT v.seq, v.txid, v.resource_type, v.resource_id, v.version_id, v.change_type, v.body, v.recorded_at \
+        "SELECT v.seq, v.txid, v.resource_type, v.resource_id, v.version_id, v.change_type, \
+                CASE WHEN ? THEN v.body END AS body, v.recorded_at \
          FROM pending_changes p JOIN resource_versions v ON v.seq = p.seq WHERE p.seq > ? ORDER BY p.seq LIMIT ?",
     )
+    .bind(bodies)
     .bind(after_seq)
     .bind(i64::try_from(limit).unwrap_or(i64::MAX))
     .fetch_all(conn)
@@ -267,7 +270,7 @@ impl Store for SqliteStore {
 
     async fn pending_changes(&self, limit: usize) -> Result<Vec<PendingChange>, StoreError> {
         let mut conn = self.pool.acquire().await.map_err(classify)?;
-        pending_rows(&mut conn, 0, limit).await
+        pending_rows(&mut conn, 0, limit, true).await
     }
 
     async fn claim_batches(&self, claim: Claim<'_>) -> Result<Vec<ChangeBatch>, StoreError> {
@@ -293,7 +296,7 @@ impl Store for SqliteStore {
         let batches = if open.is_empty() {
             // One writer at a time: seq order is commit order, and open batches hold a prefix of it.
             let limit = claim.batch_size.max(1).saturating_mul(claim.max_batches.max(1));
-            let changes = pending_rows(&mut tx, held_through, limit).await?;
+            let changes = pending_rows(&mut tx, held_through, limit, claim.bodies).await?;
             let mut batches = Vec::new();
             for chunk in changes.chunks(claim.batch_size.max(1)) {
                 let seqs: Vec<i64> = chunk.iter().map(|c| c.seq).collect();
@@ -308,9 +311,11 @@ impl Store for SqliteStore {
         } else {
             let all: Vec<i64> = open.iter().flat_map(|(_, seqs)| seqs.iter().copied()).collect();
             let rows = sqlx::query(
-                "SELECT seq, txid, resource_type, resource_id, version_id, change_type, body, recorded_at \
+                "SELECT seq, txid, resource_type, resource_id, version_id, change_type, \
+                        CASE WHEN ? THEN body END AS body, recorded_at \
                  FROM resource_versions WHERE seq IN (SELECT value FROM json_each(?))",
             )
+            .bind(claim.bodies)
             .bind(json_list(&all)?)
             .fetch_all(&mut *tx)
             .await
