@@ -312,8 +312,15 @@ impl Transport for KafkaTransport {
         // Committing the stored offsets and flushing the producer block: off the async threads.
         let _ = tokio::task::spawn_blocking(move || {
             for consumer in consumers {
-                if let Err(e) = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync) {
-                    tracing::debug!(error = %e, "no offsets committed at close");
+                match consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync) {
+                    Ok(()) => {}
+                    // Nothing stored since the last commit.
+                    Err(e) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::NoOffset) => {
+                        tracing::debug!("no new offsets to commit at close")
+                    }
+                    // The next consumer of the partition reads those records again; the inbox
+                    // answers them without applying them twice.
+                    Err(e) => tracing::warn!(error = %e, "offsets not committed at close"),
                 }
                 drop(consumer);
             }
