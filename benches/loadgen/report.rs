@@ -279,6 +279,17 @@ fn markdown(r: &Results) -> String {
         ratio(pg_best, b.per_second),
         ratio(pg_best, ceiling)
     );
+    // Each command needs a broker round trip and a database write, on the same cores: if each costs
+    // the machine what it costs at its own limit, the two in series carry C·P/(C+P).
+    if ceiling > 0.0 && b.per_second > 0.0 {
+        let in_series = ceiling * b.per_second / (ceiling + b.per_second);
+        let _ = writeln!(
+            s,
+            "
+The broker ceiling and the database alone in series (each command costing the machine one echo round              trip plus one single-row transaction, at the rates measured above): {in_series:.0}/s = {} of the              ceiling. Group commit (one transaction per group of commands) is what takes the bridge past that;              reaching 0.8× would need the database's share per command to be at most a quarter of the broker's.",
+            ratio(in_series, ceiling)
+        );
+    }
 
     let _ = writeln!(
         s,
