@@ -285,8 +285,10 @@ fn markdown(r: &Results) -> String {
         let in_series = ceiling * b.per_second / (ceiling + b.per_second);
         let _ = writeln!(
             s,
-            "
-The broker ceiling and the database alone in series (each command costing the machine one echo round              trip plus one single-row transaction, at the rates measured above): {in_series:.0}/s = {} of the              ceiling. Group commit (one transaction per group of commands) is what takes the bridge past that;              reaching 0.8× would need the database's share per command to be at most a quarter of the broker's.",
+            "\nThe broker ceiling and the database alone in series (each command costing the machine one echo round \
+             trip plus one single-row transaction, at the rates measured above): {in_series:.0}/s = {} of the \
+             ceiling. Group commit (one transaction per group of commands) is what takes the bridge past that; \
+             reaching 0.8× would need the database's share per command to be at most a quarter of the broker's.",
             ratio(in_series, ceiling)
         );
     }
