@@ -7,6 +7,7 @@
 //! Needs `openssl` and `socat` (scripts/services installs them).
 #![cfg(feature = "rabbitmq")]
 
+mod common;
 mod tls_support;
 
 use std::path::Path;
@@ -202,9 +203,9 @@ async fn consumption_resumes_over_tls_after_the_connection_drops() {
     let mut deliveries = transport.start().await.expect("start");
 
     tls.cut();
-    wait_until("the connection is seen lost", || !transport.is_connected()).await;
+    common::eventually("the connection is seen lost", Duration::from_secs(30), || !transport.is_connected()).await;
     tls.resume();
-    wait_until("the transport reconnects", || transport.is_connected()).await;
+    common::eventually("the transport reconnects", Duration::from_secs(30), || transport.is_connected()).await;
 
     let id = uuid::Uuid::new_v4();
     // A send right after the reconnect may still find the consumer being set up; it is not lost.
@@ -217,14 +218,6 @@ async fn consumption_resumes_over_tls_after_the_connection_drops() {
     delivery.acker.ack().await.expect("ack");
     transport.close().await;
     delete_endpoint(&s.pub_sub.message_broker.application_queue_name).await;
-}
-
-async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while !condition() {
-        assert!(tokio::time::Instant::now() < deadline, "gave up waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

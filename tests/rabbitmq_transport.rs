@@ -7,6 +7,7 @@
 #![cfg(feature = "rabbitmq")]
 
 mod amqp_support;
+mod common;
 
 use std::time::Duration;
 
@@ -594,14 +595,6 @@ impl Drop for RestartGuard {
     }
 }
 
-async fn eventually(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + timeout;
-    while !check() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consumption_resumes_after_a_broker_restart() {
     if std::env::var_os("FHIR_PUBSUB_SKIP_BROKER_RESTART").is_some() {
@@ -624,7 +617,8 @@ async fn consumption_resumes_after_a_broker_restart() {
     let mut guard = RestartGuard { stopped: false };
     tokio::task::block_in_place(|| guard.stop());
     let outage = async {
-        eventually("the transport notices the outage", Duration::from_secs(10), || !transport.is_connected()).await;
+        common::eventually("the transport notices the outage", Duration::from_secs(10), || !transport.is_connected())
+            .await;
         let err = transport.send("queue:nowhere", message("{}")).await.expect_err("no broker");
         assert!(err.is_retryable(), "{err}");
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -632,7 +626,7 @@ async fn consumption_resumes_after_a_broker_restart() {
     outage.await;
     tokio::task::block_in_place(|| guard.start());
 
-    eventually("the transport reconnects", Duration::from_secs(30), || transport.is_connected()).await;
+    common::eventually("the transport reconnects", Duration::from_secs(30), || transport.is_connected()).await;
     // The delivery of the lost connection cannot be acknowledged; the broker redelivers it.
     let err = unacked.acker.ack().await.expect_err("old delivery");
     assert!(err.is_retryable());

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use fhir_pubsub::store::{self, Store};
 use sqlx::Connection;
@@ -109,4 +110,13 @@ macro_rules! both_stores {
             }
         }
     };
+}
+
+/// Waits until `check` holds, polling every 100 ms; fails the test naming `what` after `timeout`.
+pub async fn eventually(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !check() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
