@@ -420,6 +420,50 @@ async fn foreign_sql_writes_are_published(store: &common::TestStore) {
 }
 both_stores!(foreign_sql, foreign_sql_writes_are_published);
 
+/// With both event kinds off (Firely's default) the publisher sends nothing and drains the outbox,
+/// so it does not grow; the versions stay in the log, and a shutdown drains what is left.
+async fn events_off_drains_the_outbox_unpublished(store: &common::TestStore) {
+    let tag = format!("o{}", Uuid::new_v4().simple());
+    let sink = EventSink::start(&tag).await;
+    let transport = rabbitmq_transport().await;
+    let settings = ResourceChangeNotificationSettings {
+        send_full_events: false,
+        send_light_events: false,
+        ..event_settings(100, 1)
+    };
+    let publisher = Arc::new(Publisher::new(store.store.clone(), transport.clone(), settings));
+    let stats = publisher.stats();
+    let (stop, stopped) = watch::channel(false);
+    let publishing = tokio::spawn(publisher.clone().run(stopped));
+    write_new(store.store.as_ref(), &tag, 0, 20).await;
+    let log = store.version_log().await.unwrap();
+    assert_eq!(log.len(), 20);
+    let mut drained = false;
+    for _ in 0..100 {
+        if store.pending_changes(1).await.unwrap().is_empty() {
+            drained = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(drained, "the outbox was not drained within 10 s");
+    assert_eq!(stats.changes_published.load(std::sync::atomic::Ordering::Relaxed), 20);
+
+    // Written just before the stop: drained by the shutdown, not left for the next start.
+    write_new(store.store.as_ref(), &tag, 20, 5).await;
+    let _ = stop.send(true);
+    publishing.await.unwrap();
+    assert!(store.pending_changes(10).await.unwrap().is_empty(), "the shutdown drains the rest");
+    assert_eq!(store.version_log().await.unwrap().len(), 25, "every version stays in the log");
+    // An event would have been confirmed before its change left the outbox; allow for delivery.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for message_type in [MessageType::ResourcesChangedEvent, MessageType::ResourcesChangedLightEvent] {
+        assert!(sink.messages(message_type).is_empty(), "{message_type:?} published with events off");
+    }
+    transport.close().await;
+}
+both_stores!(events_off, events_off_drains_the_outbox_unpublished);
+
 /// Two bridge processes on one store: one publishes, each change goes out once; killing it hands over.
 async fn two_processes_one_publisher(store: &common::TestStore) {
     let tag = format!("l{}", Uuid::new_v4().simple());

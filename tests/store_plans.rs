@@ -11,7 +11,7 @@ use fhir_pubsub::bridge::GroupCommit;
 use fhir_pubsub::contracts::read::{self, StorePlanMessage};
 use fhir_pubsub::contracts::{ChangeType, ExecuteStorePlanResponse, RetrievePlanResponse, StatusCode, StatusDetails};
 use fhir_pubsub::plan::{PlanLimits, StoreJob, execute_retrieve_plan, execute_store_plans, validate_store_plan};
-use fhir_pubsub::store::{ChangeBatch, Claim, Lookup, PendingChange, ResourceKey, Store};
+use fhir_pubsub::store::{ChangeBatch, Claim, Drained, Lookup, PendingChange, ResourceKey, Store};
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -730,6 +730,34 @@ async fn claims_without_bodies(store: &common::TestStore) {
     assert_eq!(full.into_iter().flat_map(|b| b.changes).collect::<Vec<_>>(), recorded, "the bodies, as recorded");
 }
 both_stores!(claim_bodies, claims_without_bodies);
+
+/// With events off the publisher drains the outbox instead of claiming it: oldest rows first, at
+/// most the limit asked, open batches dropped with them; the versions stay in the log, and a
+/// change recorded afterwards waits in the outbox as usual.
+async fn draining_the_outbox(store: &common::TestStore) {
+    let store = store.store.as_ref();
+    for id in ["a", "b", "c"] {
+        assert_applied(&store_plan(store, json!([upsert("1", patient(id, "1", "Drain"))])).await);
+    }
+    let recorded = store.pending_changes(10).await.unwrap();
+    let open = store.claim_batches(Claim::fresh(1, 1)).await.unwrap();
+    assert_eq!(open.len(), 1, "a batch left open by an earlier publisher");
+
+    let first = store.drain_changes(2).await.unwrap();
+    assert_eq!(first, Drained { changes: 2, last_seq: Some(recorded[1].seq) });
+    let waiting: Vec<String> =
+        store.pending_changes(10).await.unwrap().into_iter().map(|c| c.key.resource_id).collect();
+    assert_eq!(waiting, ["c"], "the two oldest rows went first");
+    assert_eq!(store.drain_changes(10).await.unwrap(), Drained { changes: 1, last_seq: Some(recorded[2].seq) });
+    assert_eq!(store.drain_changes(10).await.unwrap(), Drained::default(), "an empty outbox drains nothing");
+    assert!(store.claim_batches(Claim::fresh(50, 5)).await.unwrap().is_empty(), "no batch is left open");
+    assert_eq!(store.version_log().await.unwrap(), recorded, "the versions stay in the log");
+
+    assert_applied(&store_plan(store, json!([upsert("1", patient("d", "1", "Drain"))])).await);
+    let later: Vec<String> = store.pending_changes(10).await.unwrap().into_iter().map(|c| c.key.resource_id).collect();
+    assert_eq!(later, ["d"]);
+}
+both_stores!(drain_outbox, draining_the_outbox);
 
 /// What a writer knows it committed: (resource, version, change, the version it replaced).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

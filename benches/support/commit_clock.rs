@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use fhir_pubsub::store::{
-    ChangeBatch, Claim, Found, InboxEntry, Lookup, OutboxState, PendingChange, PlanState, PublisherLease, ResourceKey,
-    Store, StoreError, StoreTx, Write,
+    ChangeBatch, Claim, Drained, Found, InboxEntry, Lookup, OutboxState, PendingChange, PlanState, PublisherLease,
+    ResourceKey, Store, StoreError, StoreTx, Write,
 };
 use uuid::Uuid;
 
@@ -97,6 +97,9 @@ impl Store for CommitClock {
     }
     async fn claim_batches(&self, claim: Claim<'_>) -> Result<Vec<ChangeBatch>, StoreError> {
         self.inner.claim_batches(claim).await
+    }
+    async fn drain_changes(&self, limit: usize) -> Result<Drained, StoreError> {
+        self.inner.drain_changes(limit).await
     }
     async fn outbox_state(&self) -> Result<OutboxState, StoreError> {
         self.inner.outbox_state().await

@@ -44,6 +44,8 @@ const MAX_BATCHES_PER_CLAIM: usize = 256;
 /// the claims took a third of PostgreSQL's time at 1,800 commands/s; with 20 ms the bridge carried
 /// 2,700/s); a backlog (full claims) drains without pause. Adds at most this much to an event's latency.
 const MIN_ROUND: Duration = Duration::from_millis(20);
+/// With both event kinds off, how often the outbox is drained: rarely, in bulk, since nobody waits for it.
+const DRAIN_EVERY: Duration = Duration::from_secs(1);
 /// How often a process that does not lead tries to take over.
 const LEAD_RETRY: Duration = Duration::from_secs(1);
 /// How often the outbox's size and age are read for the lag figures.
@@ -91,7 +93,7 @@ pub struct PublisherStats {
     pub leading: AtomicBool,
     /// Event messages confirmed by the broker.
     pub messages_published: AtomicU64,
-    /// Changes whose events were all confirmed (filtered-out changes included).
+    /// Changes whose events were all confirmed (filtered-out changes, and with events off drained ones, included).
     pub changes_published: AtomicU64,
     /// The highest log position published so far (0 before the first).
     pub last_seq: AtomicI64,
@@ -261,6 +263,9 @@ impl Publisher {
     /// round lasts as long as the slower of the claim and the broker's confirmations, and a batch is
     /// published only after every batch before it was confirmed.
     async fn lead(&self, mut lease: Box<dyn PublisherLease>, shutdown: &mut watch::Receiver<bool>) -> LeadEnd {
+        if !self.settings.send_full_events && !self.settings.send_light_events {
+            return self.drain_unpublished(lease, shutdown).await;
+        }
         let batch_size = self.settings.max_publish_batch_size.max(1) as usize;
         let max_batches = (CHANGES_PER_CLAIM / batch_size).clamp(BATCHES_PER_CLAIM, MAX_BATCHES_PER_CLAIM);
         let mut lag = LagWatch::default();
@@ -335,6 +340,53 @@ impl Publisher {
         }
     }
 
+    /// While this process leads with both event kinds off: empties the outbox in bulk every
+    /// [`DRAIN_EVERY`] (and once more at shutdown) instead of cutting batches that carry no message.
+    /// The changes stay in the version log; turning events on later publishes the changes from then on.
+    async fn drain_unpublished(
+        &self,
+        mut lease: Box<dyn PublisherLease>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> LeadEnd {
+        let mut lag = LagWatch::default();
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let stopping = *shutdown.borrow();
+            let (lease_held, drained) = tokio::join!(lease.confirm(), self.store.drain_changes(CHANGES_PER_CLAIM));
+            match lease_held {
+                Ok(true) => {}
+                Ok(false) => return LeadEnd::Lost("another process holds the publisher lease".into()),
+                Err(e) => return LeadEnd::Lost(e.to_string()),
+            }
+            match drained {
+                Ok(drained) => {
+                    backoff = Duration::from_millis(100);
+                    self.count_published(drained.changes, drained.last_seq);
+                    self.check_lag(&mut lag).await;
+                    if drained.changes as usize >= CHANGES_PER_CLAIM {
+                        continue;
+                    }
+                    if stopping {
+                        lease.release().await;
+                        return LeadEnd::Stopped;
+                    }
+                    wait(shutdown, &Notify::new(), DRAIN_EVERY, false).await;
+                }
+                Err(e) => {
+                    self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!(m::PUBLISH_FAILURES).increment(1);
+                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "draining the outbox failed");
+                    if stopping {
+                        lease.release().await;
+                        return LeadEnd::Stopped;
+                    }
+                    wait(shutdown, &Notify::new(), backoff, false).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
     /// Publishes batches in order, each only after the broker confirmed the one before. Returns how
     /// many were confirmed, and why the next one was not.
     async fn publish_in_order(&self, batches: &[ChangeBatch]) -> (usize, Option<PublishError>) {
@@ -358,15 +410,23 @@ impl Publisher {
     /// Counts batches whose completion was recorded.
     fn count_completed(&self, completed: &[ChangeBatch]) {
         let changes: usize = completed.iter().map(|b| b.changes.len()).sum();
+        let last = completed.iter().flat_map(|b| b.changes.iter().map(|c| c.seq)).max();
+        self.count_published(changes as u64, last);
+        if changes > 0 {
+            tracing::debug!(batches = completed.len(), changes, "change events published");
+        }
+    }
+
+    /// Counts changes that left the outbox, up to log position `last`.
+    fn count_published(&self, changes: u64, last: Option<i64>) {
         if changes == 0 {
             return;
         }
-        self.stats.changes_published.fetch_add(changes as u64, Ordering::Relaxed);
-        metrics::counter!(m::CHANGES_PUBLISHED).increment(changes as u64);
-        if let Some(last) = completed.iter().flat_map(|b| b.changes.iter().map(|c| c.seq)).max() {
+        self.stats.changes_published.fetch_add(changes, Ordering::Relaxed);
+        metrics::counter!(m::CHANGES_PUBLISHED).increment(changes);
+        if let Some(last) = last {
             self.stats.last_seq.fetch_max(last, Ordering::Relaxed);
         }
-        tracing::debug!(batches = completed.len(), changes, "change events published");
     }
 
     async fn publish_batch(&self, batch: &ChangeBatch) -> Result<(), PublishError> {

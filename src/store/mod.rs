@@ -165,6 +165,14 @@ impl Claim<'_> {
     }
 }
 
+/// What [`Store::drain_changes`] removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Drained {
+    pub changes: u64,
+    /// The highest log position removed; `None` when the outbox was empty.
+    pub last_seq: Option<i64>,
+}
+
 /// The state of the outbox, for lag reporting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct OutboxState {
@@ -302,6 +310,10 @@ pub trait Store: Send + Sync {
     /// otherwise up to `max_batches` new batches of at most `batch_size` changes cut from the outbox
     /// rows no batch holds, in publishing order, recorded before they are returned.
     async fn claim_batches(&self, claim: Claim<'_>) -> Result<Vec<ChangeBatch>, StoreError>;
+    /// Removes up to `limit` outbox rows, lowest `seq` first, and every open batch, in one transaction,
+    /// publishing nothing: what the publisher does when both event kinds are off (the changes stay in
+    /// the version log).
+    async fn drain_changes(&self, limit: usize) -> Result<Drained, StoreError>;
     /// How many changes wait and since when.
     async fn outbox_state(&self) -> Result<OutboxState, StoreError>;
     /// Tries to become the one publisher of this store; `None` when another process leads.

@@ -17,7 +17,7 @@ use tokio::sync::Notify;
 use uuid::Uuid;
 
 use super::{
-    ChangeBatch, Claim, Current, Found, InboxEntry, Lookup, NewVersion, OutboxState, PendingChange, PlanState,
+    ChangeBatch, Claim, Current, Drained, Found, InboxEntry, Lookup, NewVersion, OutboxState, PendingChange, PlanState,
     PublisherLease, ResourceKey, Store, StoreError, StoreTx, Write, change_type, classify,
 };
 
@@ -262,6 +262,28 @@ impl Store for PostgresStore {
         }
         self.outbox_rows_deleted(completed_seqs.len());
         Ok(batches)
+    }
+
+    async fn drain_changes(&self, limit: usize) -> Result<Drained, StoreError> {
+        // One statement, one transaction: the open batches go with the rows (a batch holding a drained row
+        // could never be completed). The rows go by a range of the primary key, up to the `limit`-th
+        // visible one, whatever the planner believes of the table's size; a row committed after the
+        // statement's snapshot, even below that bound, is left for the next call.
+        let (changes, last_seq): (i64, Option<i64>) = sqlx::query_as(
+            "WITH batches AS (DELETE FROM publish_batches), \
+                  drained AS (DELETE FROM pending_changes \
+                              WHERE seq <= (SELECT max(seq) FROM (SELECT seq FROM pending_changes \
+                                                                  ORDER BY seq LIMIT $1) first) \
+                              RETURNING seq) \
+             SELECT count(*), max(seq) FROM drained",
+        )
+        .bind(i64::try_from(limit.max(1)).unwrap_or(i64::MAX))
+        .fetch_one(&self.publisher_pool)
+        .await
+        .map_err(classify)?;
+        let changes = u64::try_from(changes).unwrap_or(0);
+        self.outbox_rows_deleted(changes as usize);
+        Ok(Drained { changes, last_seq })
     }
 
     async fn outbox_state(&self) -> Result<OutboxState, StoreError> {

@@ -17,8 +17,8 @@ use tokio::sync::{Mutex, Notify, OwnedMutexGuard};
 use uuid::Uuid;
 
 use super::{
-    ChangeBatch, Claim, Current, Found, InboxEntry, Lookup, OutboxState, PendingChange, PlanState, PublisherLease,
-    ResourceKey, Store, StoreError, StoreTx, Write, change_type, classify,
+    ChangeBatch, Claim, Current, Drained, Found, InboxEntry, Lookup, OutboxState, PendingChange, PlanState,
+    PublisherLease, ResourceKey, Store, StoreError, StoreTx, Write, change_type, classify,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
@@ -325,6 +325,30 @@ impl Store for SqliteStore {
         };
         tx.commit().await.map_err(classify)?;
         Ok(batches)
+    }
+
+    async fn drain_changes(&self, limit: usize) -> Result<Drained, StoreError> {
+        let _guard = self.write_lock.lock().await;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(classify)?;
+        sqlx::query("DELETE FROM publish_batches").execute(&mut *tx).await.map_err(classify)?;
+        let (changes, last_seq): (i64, Option<i64>) = sqlx::query_as(
+            "WITH drained AS (SELECT seq FROM pending_changes ORDER BY seq LIMIT ?) \
+             SELECT count(*), max(seq) FROM drained",
+        )
+        .bind(i64::try_from(limit.max(1)).unwrap_or(i64::MAX))
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(classify)?;
+        if let Some(last) = last_seq {
+            // One writer at a time: seq order is commit order, so the rows up to `last` are the ones counted.
+            sqlx::query("DELETE FROM pending_changes WHERE seq <= ?")
+                .bind(last)
+                .execute(&mut *tx)
+                .await
+                .map_err(classify)?;
+        }
+        tx.commit().await.map_err(classify)?;
+        Ok(Drained { changes: u64::try_from(changes).unwrap_or(0), last_seq })
     }
 
     async fn outbox_state(&self) -> Result<OutboxState, StoreError> {
