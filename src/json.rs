@@ -55,8 +55,12 @@ pub fn strict_text(text: &str) -> Result<Cow<'_, str>, JsonError> {
     }
 }
 
-/// Parses lenient JSON text into an owned raw value (whitespace and member order kept).
+/// Parses lenient JSON text into an owned raw value (whitespace and member order kept). Strict JSON,
+/// the usual case, is read in one pass; only text that fails it goes through [`strict_text`].
 pub fn parse_lenient(text: &str) -> Result<Box<RawValue>, JsonError> {
+    if let Ok(raw) = serde_json::from_str::<Box<RawValue>>(text) {
+        return Ok(raw);
+    }
     let strict = strict_text(text)?;
     serde_json::from_str::<Box<RawValue>>(&strict).map_err(|e| JsonError::Syntax(e.to_string()))
 }
