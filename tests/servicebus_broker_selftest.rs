@@ -4,6 +4,7 @@
 //! with lock tokens, complete / abandon / dead-letter, delivery counts, lock expiry, message
 //! properties, unknown entities and wrong keys, and dropped connections.
 
+mod common;
 mod servicebus_broker;
 
 use std::time::Duration;
@@ -139,17 +140,9 @@ async fn a_queue_message_round_trips_its_properties_under_a_peek_lock_until_comp
     other.dispose().await.expect("second receiver closes");
 
     receiver.complete_message(&received).await.expect("complete");
-    wait_until(|| bus.active_messages(&queue).is_empty()).await;
+    common::eventually("the queue is empty", WAIT, || bus.active_messages(&queue).is_empty()).await;
     receiver.dispose().await.expect("receiver closes");
     client.dispose().await.expect("client closes");
-}
-
-async fn wait_until(mut condition: impl FnMut() -> bool) {
-    let deadline = std::time::Instant::now() + WAIT;
-    while !condition() {
-        assert!(std::time::Instant::now() < deadline, "condition not reached within {WAIT:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test]
@@ -187,8 +180,11 @@ async fn a_message_sent_to_a_topic_arrives_in_the_queue_its_subscription_forward
     let copy = receive_one(&mut from_subscription).await;
     assert_eq!(copy.body().unwrap(), b"command");
     from_subscription.complete_message(&copy).await.unwrap();
-    wait_until(|| bus.active_messages(&format!("{topic}/Subscriptions/audit")).is_empty()).await;
-    wait_until(|| bus.active_messages(&queue).is_empty()).await;
+    common::eventually("the subscription is empty", WAIT, || {
+        bus.active_messages(&format!("{topic}/Subscriptions/audit")).is_empty()
+    })
+    .await;
+    common::eventually("the queue is empty", WAIT, || bus.active_messages(&queue).is_empty()).await;
 }
 
 #[tokio::test]
@@ -211,7 +207,7 @@ async fn an_abandoned_message_comes_back_with_its_delivery_count_one_higher_and_
     assert_ne!(second.lock_token(), first.lock_token());
     assert_eq!(bus.active_messages(&queue)[0].delivery_count, 2);
     receiver.complete_message(&second).await.unwrap();
-    wait_until(|| bus.active_messages(&queue).is_empty()).await;
+    common::eventually("the queue is empty", WAIT, || bus.active_messages(&queue).is_empty()).await;
 }
 
 #[tokio::test]
@@ -254,7 +250,7 @@ async fn a_dead_lettered_message_is_in_the_dead_letter_sub_queue_with_its_reason
     assert_eq!(read.dead_letter_error_description(), Some("the body is not a MassTransit envelope"));
     assert_eq!(read.dead_letter_source(), Some(queue.as_str()));
     dead_receiver.complete_message(&read).await.unwrap();
-    wait_until(|| bus.dead_letters(&queue).is_empty()).await;
+    common::eventually("the dead-letter queue is empty", WAIT, || bus.dead_letters(&queue).is_empty()).await;
 }
 
 #[tokio::test]
@@ -301,7 +297,7 @@ async fn an_unsettled_message_is_delivered_again_when_its_lock_runs_out_and_a_re
     receiver.complete_message(&first).await.ok();
     assert_eq!(bus.active_messages(&queue).len(), 1);
     receiver.complete_message(&second).await.unwrap();
-    wait_until(|| bus.active_messages(&queue).is_empty()).await;
+    common::eventually("the queue is empty", WAIT, || bus.active_messages(&queue).is_empty()).await;
 }
 
 #[tokio::test]
@@ -359,7 +355,7 @@ async fn a_batch_is_enqueued_as_separate_messages_and_receive_and_delete_removes
         .unwrap();
     let first = receive_one(&mut receiver).await;
     assert_eq!(first.body().unwrap(), b"m1");
-    wait_until(|| bus.active_messages(&queue).len() == 2).await;
+    common::eventually("two messages are active", WAIT, || bus.active_messages(&queue).len() == 2).await;
 }
 
 #[tokio::test]
@@ -415,7 +411,7 @@ async fn a_receiver_recovers_by_itself_after_its_connection_is_dropped() {
     send(&mut client, &queue, ServiceBusMessage::new(b"one".to_vec())).await;
     let one = receive_one(&mut receiver).await;
     receiver.complete_message(&one).await.unwrap();
-    wait_until(|| bus.active_messages(&queue).is_empty()).await;
+    common::eventually("the queue is empty", WAIT, || bus.active_messages(&queue).is_empty()).await;
 
     bus.drop_connections();
 
@@ -427,7 +423,7 @@ async fn a_receiver_recovers_by_itself_after_its_connection_is_dropped() {
     let two = receive_one(&mut receiver).await;
     assert_eq!(two.body().unwrap(), b"two");
     receiver.complete_message(&two).await.expect("complete after the drop");
-    wait_until(|| bus.active_messages(&queue).is_empty()).await;
+    common::eventually("the queue is empty", WAIT, || bus.active_messages(&queue).is_empty()).await;
 }
 
 #[tokio::test]
@@ -456,7 +452,7 @@ async fn a_prefetching_receiver_gets_every_message_once_each_with_its_own_lock()
         }
     }
     assert_eq!(bodies, (0..20).map(|i| format!("p{i}")).collect::<Vec<_>>(), "in order, each once");
-    wait_until(|| bus.active_messages(&queue).is_empty()).await;
+    common::eventually("the queue is empty", WAIT, || bus.active_messages(&queue).is_empty()).await;
 }
 
 #[tokio::test]
@@ -503,7 +499,10 @@ async fn entity_names_with_slashes_resolve_as_masstransit_names_them() {
     let copy = receive_one(&mut watcher).await;
     assert_eq!(copy.body().unwrap(), b"slash");
     watcher.complete_message(&copy).await.unwrap();
-    wait_until(|| bus.active_messages(&format!("{topic}/Subscriptions/Watcher")).is_empty()).await;
+    common::eventually("the subscription is empty", WAIT, || {
+        bus.active_messages(&format!("{topic}/Subscriptions/Watcher")).is_empty()
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -611,9 +610,9 @@ async fn the_double_counts_open_connections_and_drops_them_all_at_once() {
     let bus = TestServiceBus::start().await;
     let first = client(&bus).await;
     let second = client(&bus).await;
-    wait_until(|| bus.connection_count() == 2).await;
+    common::eventually("two connections are open", WAIT, || bus.connection_count() == 2).await;
     first.dispose().await.expect("client closes");
-    wait_until(|| bus.connection_count() == 1).await;
+    common::eventually("one connection is open", WAIT, || bus.connection_count() == 1).await;
     bus.drop_connections();
     assert_eq!(bus.connection_count(), 0);
     drop(second);
