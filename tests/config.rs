@@ -206,7 +206,7 @@ fn defaults_without_a_file() {
     assert_eq!((broker.username.as_str(), broker.password.as_str()), ("guest", "guest"));
     assert_eq!(broker.virtual_host, "/");
     assert_eq!(broker.application_queue_name, "FirelyServer");
-    assert_eq!((broker.prefetch_count, broker.concurrency_number), (64, 64));
+    assert_eq!((broker.prefetch_count, broker.concurrency_number), (256, 256));
     assert!(!broker.rabbitmq_tls());
     assert_eq!(broker.kafka.topic_prefix, "FirelyServerCommands");
     assert_eq!(

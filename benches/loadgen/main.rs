@@ -42,9 +42,9 @@ pub const POSTGRES_SSLMODE: &str = "disable";
 const IN_FLIGHT: [usize; 4] = [1, 8, 64, 256];
 /// Resources per large plan.
 const PLAN_SIZE: usize = 1000;
-/// The bridge's defaults, which the echo responder copies.
-const PREFETCH: u16 = 64;
-const CONCURRENCY: usize = 64;
+/// The bridge's defaults (`PrefetchCount`, `ConcurrencyNumber`), which the echo responder copies.
+const PREFETCH: u16 = 256;
+const CONCURRENCY: usize = 256;
 const READY_LIMIT: Duration = Duration::from_secs(30);
 
 /// How long and how much: `--quick` for development (under two minutes), the full run for the report.
