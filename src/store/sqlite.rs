@@ -340,7 +340,7 @@ impl Store for SqliteStore {
         .await
         .map_err(classify)?;
         if let Some(last) = last_seq {
-            // One writer at a time: seq order is commit order, so the rows up to `last` are the ones counted.
+            // No other writer can add a row inside this IMMEDIATE transaction: the rows up to `last` are the ones counted.
             sqlx::query("DELETE FROM pending_changes WHERE seq <= ?")
                 .bind(last)
                 .execute(&mut *tx)
