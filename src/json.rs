@@ -147,17 +147,21 @@ pub fn has_lone_surrogate(text: &str) -> bool {
 /// either is already broken.
 #[derive(Debug)]
 pub struct Object<'a> {
-    members: Vec<(String, &'a RawValue)>,
+    /// Names are borrowed from the text unless they hold escapes.
+    members: Vec<(Cow<'a, str>, &'a RawValue)>,
 }
 
 impl<'a> Object<'a> {
     /// Reads `raw` as an object; `what` names it in the error ("the envelope", "instruction 2").
     pub fn parse(raw: &'a RawValue, what: &str) -> Result<Self, JsonError> {
-        let members: Vec<(String, &'a RawValue)> = match serde_json::from_str::<MemberList<'a>>(raw.get()) {
-            Ok(list) => list.0,
-            Err(_) => return Err(JsonError::field(what, format!("must be a JSON object, found {}", kind_of(raw)))),
-        };
-        Ok(Object { members })
+        serde_json::from_str::<Object<'a>>(raw.get())
+            .map_err(|_| JsonError::field(what, format!("must be a JSON object, found {}", kind_of(raw))))
+    }
+
+    /// Reads strict JSON `text` that is an object, in one pass; `None` for anything else (text that
+    /// is no JSON, lenient JSON, or JSON of another type), which the caller reads the slow way.
+    pub fn parse_strict(text: &'a str) -> Option<Self> {
+        serde_json::from_str::<Object<'a>>(text).ok()
     }
 
     /// The raw member, if present (a JSON `null` is returned as present; see [`Object::get_non_null`]).
@@ -200,12 +204,12 @@ impl<'a> Object<'a> {
 
     /// Every member name, in order.
     pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.members.iter().map(|(k, _)| k.as_str())
+        self.members.iter().map(|(k, _)| k.as_ref())
     }
 
     /// Every member, in order.
     pub fn members(&self) -> impl Iterator<Item = (&str, &'a RawValue)> {
-        self.members.iter().map(|(k, v)| (k.as_str(), *v))
+        self.members.iter().map(|(k, v)| (k.as_ref(), *v))
     }
 }
 
@@ -227,26 +231,51 @@ pub fn kind_of(raw: &RawValue) -> &'static str {
     }
 }
 
-/// Deserializes an object as an ordered list of (name, raw value) pairs, keeping duplicates.
-struct MemberList<'a>(Vec<(String, &'a RawValue)>);
-
-impl<'de: 'a, 'a> serde::Deserialize<'de> for MemberList<'a> {
+/// An object is read as an ordered list of (name, raw value) pairs, keeping duplicates; anything
+/// else is a type error. Usable inside other `Deserialize` impls, so that one pass over the text
+/// can read nested objects.
+impl<'de: 'a, 'a> serde::Deserialize<'de> for Object<'a> {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         struct Visit<'a>(std::marker::PhantomData<&'a ()>);
         impl<'de: 'a, 'a> serde::de::Visitor<'de> for Visit<'a> {
-            type Value = MemberList<'a>;
+            type Value = Object<'a>;
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
                 f.write_str("a JSON object")
             }
             fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
                 let mut members = Vec::with_capacity(map.size_hint().unwrap_or(8));
-                while let Some((k, v)) = map.next_entry::<String, &'de RawValue>()? {
+                while let Some((Name(k), v)) = map.next_entry::<Name<'de>, &'de RawValue>()? {
                     members.push((k, v));
                 }
-                Ok(MemberList(members))
+                Ok(Object { members })
             }
         }
         deserializer.deserialize_map(Visit(std::marker::PhantomData))
+    }
+}
+
+/// A member name, borrowed from the text when it has no escapes (serde's own `Cow` always copies).
+pub struct Name<'a>(pub Cow<'a, str>);
+
+impl<'de: 'a, 'a> serde::Deserialize<'de> for Name<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visit<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for Visit<'a> {
+            type Value = Name<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a member name")
+            }
+            fn visit_borrowed_str<E: serde::de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Name(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Name(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Self::Value, E> {
+                Ok(Name(Cow::Owned(v)))
+            }
+        }
+        deserializer.deserialize_str(Visit(std::marker::PhantomData))
     }
 }
 

@@ -5,13 +5,17 @@
 //! failing the whole message, so the reply can name the line at fault. Only a message that is not
 //! an object, or whose `instructions` is not an array, fails as a whole.
 
+use std::fmt;
+use std::marker::PhantomData;
+
+use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 
 use super::{
     ChangeType, ExecuteStorePlanResponse, ItemError, LightResourceChange, ResourceChange, ResourceReference,
     RetrieveItem, RetrievePlanResponse, Status, StatusCode, StatusDetails,
 };
-use crate::json::{JsonError, Object, array};
+use crate::json::{JsonError, Name, Object, array, kind_of};
 
 /// A store-plan message: the instructions, or a claim check pointing at them.
 #[derive(Debug, Clone, PartialEq)]
@@ -42,32 +46,167 @@ pub struct StoreInstructionRead {
     pub problems: Vec<String>,
 }
 
-/// Reads an ExecuteStorePlanCommand's `message`.
+/// Reads an ExecuteStorePlanCommand's `message`, in one pass over its text (it is read for every
+/// command, and a resource sent as a JSON string is mostly escapes).
 pub fn store_plan(message: &RawValue) -> Result<StorePlanMessage, JsonError> {
-    let obj = Object::parse(message, "message")?;
-    if obj.get_non_null("instructions").is_none() {
-        if let Some(payload) = obj.get_non_null("payload") {
-            let payload = Object::parse(payload, "payload")?;
-            return match payload.string("data-ref")? {
-                Some(data_ref) if !data_ref.trim().is_empty() => Ok(StorePlanMessage::ClaimCheck { data_ref }),
-                _ => Err(JsonError::field("payload.data-ref", "must be the URL of the blob holding the plan")),
-            };
+    let plan: StorePlanText<'_> = serde_json::from_str(message.get())
+        .map_err(|_| JsonError::field("message", format!("must be a JSON object, found {}", kind_of(message))))?;
+    match plan.instructions {
+        None | Some(Listed::Null) => {
+            if let Some(payload) = plan.payload.filter(|p| p.get() != "null") {
+                let payload = Object::parse(payload, "payload")?;
+                return match payload.string("data-ref")? {
+                    Some(data_ref) if !data_ref.trim().is_empty() => Ok(StorePlanMessage::ClaimCheck { data_ref }),
+                    _ => Err(JsonError::field("payload.data-ref", "must be the URL of the blob holding the plan")),
+                };
+            }
+            Err(JsonError::field("instructions", "is missing: a store plan is { \"instructions\": [ ... ] }"))
         }
-        return Err(JsonError::field("instructions", "is missing: a store plan is { \"instructions\": [ ... ] }"));
+        Some(Listed::Other(kind)) => {
+            Err(JsonError::field("instructions", format!("must be a JSON array, found {kind}")))
+        }
+        Some(Listed::Items(items)) => Ok(StorePlanMessage::Instructions(
+            items
+                .into_iter()
+                .enumerate()
+                .map(|(index, item)| match item {
+                    Item::Object(obj) => store_instruction(index, &obj),
+                    Item::Other(kind) => StoreInstructionRead {
+                        index,
+                        problems: vec![
+                            JsonError::field(
+                                format!("instruction {index}"),
+                                format!("must be a JSON object, found {kind}"),
+                            )
+                            .to_string(),
+                        ],
+                        ..Default::default()
+                    },
+                })
+                .collect(),
+        )),
     }
-    let list = array(obj.get("instructions").expect("checked above"), "instructions")?;
-    Ok(StorePlanMessage::Instructions(list.into_iter().enumerate().map(|(i, raw)| store_instruction(i, raw)).collect()))
 }
 
-fn store_instruction(index: usize, raw: &RawValue) -> StoreInstructionRead {
-    let mut read = StoreInstructionRead { index, ..Default::default() };
-    let obj = match Object::parse(raw, &format!("instruction {index}")) {
-        Ok(obj) => obj,
-        Err(e) => {
-            read.problems.push(e.to_string());
-            return read;
+/// The members of a store plan that matter, as [`Object`] would find them: names in any case, the
+/// first occurrence of a name wins.
+struct StorePlanText<'a> {
+    instructions: Option<Listed<'a>>,
+    payload: Option<&'a RawValue>,
+}
+
+/// The value of `instructions`.
+enum Listed<'a> {
+    Null,
+    Items(Vec<Item<'a>>),
+    /// Not an array: the word for what it is.
+    Other(&'static str),
+}
+
+/// One element of `instructions`.
+enum Item<'a> {
+    Object(Object<'a>),
+    Other(&'static str),
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for StorePlanText<'a> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visit<'a>(PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for Visit<'a> {
+            type Value = StorePlanText<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut plan = StorePlanText { instructions: None, payload: None };
+                while let Some(Name(name)) = map.next_key::<Name<'de>>()? {
+                    if plan.instructions.is_none() && name.eq_ignore_ascii_case("instructions") {
+                        plan.instructions = Some(map.next_value()?);
+                    } else if plan.payload.is_none() && name.eq_ignore_ascii_case("payload") {
+                        plan.payload = Some(map.next_value()?);
+                    } else {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+                Ok(plan)
+            }
+        }
+        deserializer.deserialize_map(Visit(PhantomData))
+    }
+}
+
+/// Visits any JSON value, calling `other` with the word for its type unless the visitor handles it.
+macro_rules! any_other_value {
+    ($other:expr) => {
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok($other("null"))
+        }
+        fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+            Ok($other("a boolean"))
+        }
+        fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+            Ok($other("a number"))
+        }
+        fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+            Ok($other("a number"))
+        }
+        fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+            Ok($other("a number"))
+        }
+        fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+            Ok($other("a string"))
         }
     };
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Listed<'a> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visit<'a>(PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for Visit<'a> {
+            type Value = Listed<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            any_other_value!(|kind| if kind == "null" { Listed::Null } else { Listed::Other(kind) });
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(1));
+                while let Some(item) = seq.next_element()? {
+                    items.push(item);
+                }
+                Ok(Listed::Items(items))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(Listed::Other("an object"))
+            }
+        }
+        deserializer.deserialize_any(Visit(PhantomData))
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Item<'a> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visit<'a>(PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for Visit<'a> {
+            type Value = Item<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            any_other_value!(Item::Other);
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(Item::Other("an array"))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                Object::deserialize(de::value::MapAccessDeserializer::new(map)).map(Item::Object)
+            }
+        }
+        deserializer.deserialize_any(Visit(PhantomData))
+    }
+}
+
+fn store_instruction(index: usize, obj: &Object<'_>) -> StoreInstructionRead {
+    let mut read = StoreInstructionRead { index, ..Default::default() };
     let mut text = |name: &str| match obj.string(name) {
         Ok(v) => v,
         Err(e) => {
@@ -236,5 +375,106 @@ pub fn changes(message: &RawValue) -> Result<Vec<ResourceChange>, JsonError> {
 impl From<ResourceChange> for LightResourceChange {
     fn from(c: ResourceChange) -> Self {
         LightResourceChange { reference: c.reference, change_type: c.change_type }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(text: &str) -> Result<StorePlanMessage, String> {
+        let raw: Box<RawValue> = serde_json::from_str(text).expect("test JSON");
+        store_plan(&raw).map_err(|e| e.to_string())
+    }
+
+    fn instructions(text: &str) -> Vec<StoreInstructionRead> {
+        match read(text) {
+            Ok(StorePlanMessage::Instructions(list)) => list,
+            other => panic!("expected instructions, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_message_that_is_no_plan_is_refused_as_a_whole() {
+        assert_eq!(read(r#""x""#).unwrap_err(), "`message` must be a JSON object, found a string");
+        assert_eq!(read("[]").unwrap_err(), "`message` must be a JSON object, found an array");
+        let missing = "`instructions` is missing: a store plan is { \"instructions\": [ ... ] }";
+        assert_eq!(read("{}").unwrap_err(), missing);
+        assert_eq!(read(r#"{"instructions": null}"#).unwrap_err(), missing);
+        assert_eq!(read(r#"{"Instructions": 5}"#).unwrap_err(), "`instructions` must be a JSON array, found a number");
+        assert_eq!(
+            read(r#"{"instructions": {"a": [1]}}"#).unwrap_err(),
+            "`instructions` must be a JSON array, found an object"
+        );
+        assert_eq!(
+            read(r#"{"instructions": "[]"}"#).unwrap_err(),
+            "`instructions` must be a JSON array, found a string"
+        );
+        assert_eq!(
+            read(r#"{"payload": {"data-ref": " "}}"#).unwrap_err(),
+            "`payload.data-ref` must be the URL of the blob holding the plan"
+        );
+    }
+
+    #[test]
+    fn names_in_any_case_and_escaped_names_match_and_the_first_occurrence_wins() {
+        // A first `instructions` that is null hides a later one, as a lookup by name would.
+        let missing = "`instructions` is missing: a store plan is { \"instructions\": [ ... ] }";
+        assert_eq!(read(r#"{"INSTRUCTIONS": null, "instructions": []}"#).unwrap_err(), missing);
+        assert!(instructions(r#"{"instr\u0075ctions": [], "instructions": 5}"#).is_empty());
+        let list =
+            instructions(r#"{"Instructions": [{"ITEMID": "a", "itemId": "b", "Operation": "upsert"}], "x": [{}]}"#);
+        assert_eq!(list[0].item_id.as_deref(), Some("a"));
+        assert_eq!(list[0].operation.as_deref(), Some("upsert"));
+        match read(r#"{"payload": null, "PayLoad": {"data-ref": "https://blob/x"}, "instructions": null}"#) {
+            // `payload: null` comes first, so the plan has no payload.
+            Err(e) => assert_eq!(e, missing),
+            other => panic!("{other:?}"),
+        }
+        match read(r#"{"Payload": {"Data-Ref": "https://blob/x"}}"#) {
+            Ok(StorePlanMessage::ClaimCheck { data_ref }) => assert_eq!(data_ref, "https://blob/x"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn each_instruction_that_is_no_object_is_a_problem_of_its_own() {
+        let list = instructions(r#"{"instructions": [null, "s", 1, -2.5, [1, {"a": 2}], true, {"itemId": 7}]}"#);
+        let problems: Vec<_> = list.iter().map(|i| i.problems.join("; ")).collect();
+        assert_eq!(
+            problems,
+            [
+                "`instruction 0` must be a JSON object, found null",
+                "`instruction 1` must be a JSON object, found a string",
+                "`instruction 2` must be a JSON object, found a number",
+                "`instruction 3` must be a JSON object, found a number",
+                "`instruction 4` must be a JSON object, found an array",
+                "`instruction 5` must be a JSON object, found a boolean",
+                "",
+            ]
+        );
+        assert_eq!(list.iter().map(|i| i.index).collect::<Vec<_>>(), [0, 1, 2, 3, 4, 5, 6]);
+        assert_eq!(list[6].item_id.as_deref(), Some("7"), "a number is taken as its text");
+    }
+
+    #[test]
+    fn a_resource_is_kept_as_sent_whether_object_or_string() {
+        let list = instructions(
+            r#"{"instructions": [
+                {"resource": {"resourceType" : "Patient", "id":"a"}},
+                {"resource": "{\"resourceType\":\"Patient\",\"id\":\"b\"}"},
+                {"resource": "null"},
+                {"resource": 3}
+            ]}"#,
+        );
+        assert_eq!(list[0].resource.as_deref(), Some(r#"{"resourceType" : "Patient", "id":"a"}"#));
+        assert_eq!(list[1].resource.as_deref(), Some(r#"{"resourceType":"Patient","id":"b"}"#));
+        assert_eq!(list[2].resource, None);
+        assert!(list[2].problems.is_empty());
+        assert_eq!(list[3].resource, None);
+        assert_eq!(
+            list[3].problems,
+            ["`resource` must be a FHIR resource as a JSON object or as JSON text in a string, found a number"]
+        );
     }
 }

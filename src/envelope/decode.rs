@@ -65,6 +65,9 @@ impl From<JsonError> for DecodeError {
 /// member in any case. False for anything unreadable.
 pub fn is_envelope(body: &[u8]) -> bool {
     let Ok(text) = json::utf8(body) else { return false };
+    if let Some(obj) = Object::parse_strict(strip_bom(text)) {
+        return looks_like_envelope(&obj);
+    }
     let Ok(raw) = json::parse_lenient(strip_bom(text)) else { return false };
     Object::parse(&raw, "the body").is_ok_and(|obj| looks_like_envelope(&obj))
 }
@@ -84,12 +87,10 @@ fn strip_bom(text: &str) -> &str {
 /// and the caller faults it.
 pub fn decode(body: &[u8], meta: &TransportMeta) -> Result<Envelope, DecodeError> {
     let text = strip_bom(json::utf8(body)?);
-    let raw = if text.trim().is_empty() { json::parse_lenient("{}")? } else { json::parse_lenient(text)? };
-    let mut envelope = match Object::parse(&raw, "the body") {
-        Ok(obj) if looks_like_envelope(&obj) => from_envelope(&obj)?,
-        Ok(_) => from_raw(&raw, meta)?,
-        Err(_) if declares_envelope(meta) => return Err(DecodeError::NotAnObject { found: json::kind_of(&raw) }),
-        Err(_) => from_raw(&raw, meta)?,
+    let mut envelope = match Object::parse_strict(text) {
+        // The usual body, an envelope in strict JSON, is read in one pass.
+        Some(obj) if looks_like_envelope(&obj) => from_envelope(&obj)?,
+        _ => decode_slowly(text, meta)?,
     };
     if envelope.message_type.is_empty()
         && let Some(hint) = meta.type_hint
@@ -97,6 +98,17 @@ pub fn decode(body: &[u8], meta: &TransportMeta) -> Result<Envelope, DecodeError
         envelope.message_type.push(hint.urn());
     }
     Ok(envelope)
+}
+
+/// Any body: lenient JSON, a raw message, or no JSON at all.
+fn decode_slowly(text: &str, meta: &TransportMeta) -> Result<Envelope, DecodeError> {
+    let raw = if text.trim().is_empty() { json::parse_lenient("{}")? } else { json::parse_lenient(text)? };
+    match Object::parse(&raw, "the body") {
+        Ok(obj) if looks_like_envelope(&obj) => from_envelope(&obj),
+        Ok(_) => from_raw(&raw, meta),
+        Err(_) if declares_envelope(meta) => Err(DecodeError::NotAnObject { found: json::kind_of(&raw) }),
+        Err(_) => from_raw(&raw, meta),
+    }
 }
 
 fn declares_envelope(meta: &TransportMeta) -> bool {

@@ -26,7 +26,7 @@ mod convert;
 mod options;
 mod target;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -67,7 +67,13 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// The RabbitMQ transport. Cheap to share behind an `Arc`; all methods take `&self`.
 pub struct RabbitMqTransport {
     inner: Arc<Inner>,
+    /// Send addresses parsed before: replies go to the same few response addresses again and again.
+    targets: Mutex<HashMap<String, Arc<SendTarget>>>,
 }
+
+/// The parsed-address cache is emptied when it reaches this many addresses (a client per
+/// temporary response queue can send from ever new addresses).
+const MAX_CACHED_TARGETS: usize = 1024;
 
 impl std::fmt::Debug for RabbitMqTransport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -152,7 +158,21 @@ impl RabbitMqTransport {
         );
         let handle = tokio::spawn(supervise(Arc::downgrade(&inner), shutdown_rx));
         *inner.supervisor.lock().unwrap_or_else(PoisonError::into_inner) = Some(handle);
-        Ok(RabbitMqTransport { inner })
+        Ok(RabbitMqTransport { inner, targets: Mutex::default() })
+    }
+
+    /// The target of a send address, parsed once.
+    fn target(&self, address: &str) -> Result<Arc<SendTarget>, TransportError> {
+        let mut targets = self.targets.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(target) = targets.get(address) {
+            return Ok(target.clone());
+        }
+        let target = Arc::new(SendTarget::parse(address)?);
+        if targets.len() >= MAX_CACHED_TARGETS {
+            targets.clear();
+        }
+        targets.insert(address.to_owned(), target.clone());
+        Ok(target)
     }
 
     /// The settings this transport was built with.
@@ -184,7 +204,7 @@ impl Transport for RabbitMqTransport {
     }
 
     async fn send(&self, address: &str, message: OutgoingMessage) -> Result<(), TransportError> {
-        let target = SendTarget::parse(address)?;
+        let target = self.target(address)?;
         self.inner.send_to(&target, &message).await
     }
 
