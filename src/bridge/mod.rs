@@ -160,7 +160,9 @@ impl Bridge {
                 for wait in waits {
                     let _ = wait.await;
                 }
-                let outcome = bridge.handle(delivery, prepared).await;
+                // Boxed: the handling future is several KB, and a task's future is moved by value
+                // on its way into the runtime; this way only the captured values are.
+                let outcome = Box::pin(bridge.handle(delivery, prepared)).await;
                 drop(done);
                 drop(permit);
                 outcome
