@@ -30,6 +30,16 @@ impl JsonError {
     pub fn field(field: impl Into<String>, problem: impl Into<String>) -> Self {
         JsonError::Field { field: field.into(), problem: problem.into() }
     }
+
+    /// `what` should be an object but is `kind` (a word of [`kind_of`]).
+    pub fn not_an_object(what: impl Into<String>, kind: &str) -> Self {
+        JsonError::field(what, format!("must be a JSON object, found {kind}"))
+    }
+
+    /// `what` should be an array but is `kind` (a word of [`kind_of`]).
+    pub fn not_an_array(what: impl Into<String>, kind: &str) -> Self {
+        JsonError::field(what, format!("must be a JSON array, found {kind}"))
+    }
 }
 
 /// Decodes UTF-8, saying where it breaks.
@@ -154,8 +164,7 @@ pub struct Object<'a> {
 impl<'a> Object<'a> {
     /// Reads `raw` as an object; `what` names it in the error ("the envelope", "instruction 2").
     pub fn parse(raw: &'a RawValue, what: &str) -> Result<Self, JsonError> {
-        serde_json::from_str::<Object<'a>>(raw.get())
-            .map_err(|_| JsonError::field(what, format!("must be a JSON object, found {}", kind_of(raw))))
+        serde_json::from_str::<Object<'a>>(raw.get()).map_err(|_| JsonError::not_an_object(what, kind_of(raw)))
     }
 
     /// Reads strict JSON `text` that is an object, in one pass; `None` for anything else (text that
@@ -215,8 +224,7 @@ impl<'a> Object<'a> {
 
 /// A JSON array of raw elements, or an error naming `what`.
 pub fn array<'a>(raw: &'a RawValue, what: &str) -> Result<Vec<&'a RawValue>, JsonError> {
-    serde_json::from_str::<Vec<&'a RawValue>>(raw.get())
-        .map_err(|_| JsonError::field(what, format!("must be a JSON array, found {}", kind_of(raw))))
+    serde_json::from_str::<Vec<&'a RawValue>>(raw.get()).map_err(|_| JsonError::not_an_array(what, kind_of(raw)))
 }
 
 /// A word for the JSON type of a raw value, for error messages.

@@ -49,8 +49,8 @@ pub struct StoreInstructionRead {
 /// Reads an ExecuteStorePlanCommand's `message`, in one pass over its text (it is read for every
 /// command, and a resource sent as a JSON string is mostly escapes).
 pub fn store_plan(message: &RawValue) -> Result<StorePlanMessage, JsonError> {
-    let plan: StorePlanText<'_> = serde_json::from_str(message.get())
-        .map_err(|_| JsonError::field("message", format!("must be a JSON object, found {}", kind_of(message))))?;
+    let plan: StorePlanText<'_> =
+        serde_json::from_str(message.get()).map_err(|_| JsonError::not_an_object("message", kind_of(message)))?;
     match plan.instructions {
         None | Some(Listed::Null) => {
             if let Some(payload) = plan.payload.filter(|p| p.get() != "null") {
@@ -62,9 +62,7 @@ pub fn store_plan(message: &RawValue) -> Result<StorePlanMessage, JsonError> {
             }
             Err(JsonError::field("instructions", "is missing: a store plan is { \"instructions\": [ ... ] }"))
         }
-        Some(Listed::Other(kind)) => {
-            Err(JsonError::field("instructions", format!("must be a JSON array, found {kind}")))
-        }
+        Some(Listed::Other(kind)) => Err(JsonError::not_an_array("instructions", kind)),
         Some(Listed::Items(items)) => Ok(StorePlanMessage::Instructions(
             items
                 .into_iter()
@@ -73,13 +71,7 @@ pub fn store_plan(message: &RawValue) -> Result<StorePlanMessage, JsonError> {
                     Item::Object(obj) => store_instruction(index, &obj),
                     Item::Other(kind) => StoreInstructionRead {
                         index,
-                        problems: vec![
-                            JsonError::field(
-                                format!("instruction {index}"),
-                                format!("must be a JSON object, found {kind}"),
-                            )
-                            .to_string(),
-                        ],
+                        problems: vec![JsonError::not_an_object(format!("instruction {index}"), kind).to_string()],
                         ..Default::default()
                     },
                 })

@@ -65,10 +65,11 @@ impl From<JsonError> for DecodeError {
 /// member in any case. False for anything unreadable.
 pub fn is_envelope(body: &[u8]) -> bool {
     let Ok(text) = json::utf8(body) else { return false };
-    if let Some(obj) = Object::parse_strict(strip_bom(text)) {
+    let text = strip_bom(text);
+    if let Some(obj) = Object::parse_strict(text) {
         return looks_like_envelope(&obj);
     }
-    let Ok(raw) = json::parse_lenient(strip_bom(text)) else { return false };
+    let Ok(raw) = json::parse_lenient(text) else { return false };
     Object::parse(&raw, "the body").is_ok_and(|obj| looks_like_envelope(&obj))
 }
 
